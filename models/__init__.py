@@ -1,0 +1,1 @@
+"""Atelier's algorithms: pure torch/numpy + stdlib. Nothing here imports ComfyUI."""

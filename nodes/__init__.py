@@ -1,0 +1,28 @@
+"""ComfyUI glue: V3 node classes and thin hook adapters. Algorithms live in ../models."""
+from __future__ import annotations
+
+import importlib
+import logging
+
+from comfy_api.latest import ComfyExtension, io
+
+# One module per feature; each exports NODES. A feature whose optional dependency is missing
+# logs why and is skipped, so the rest of the pack still loads.
+FEATURES = ["tiny", "metrics"]
+
+
+def collect_nodes() -> list[type[io.ComfyNode]]:
+    nodes: list[type[io.ComfyNode]] = []
+    for name in FEATURES:
+        try:
+            mod = importlib.import_module(f".{name}", __name__)
+        except ImportError as e:
+            logging.warning("[Atelier] %s nodes not loaded: %s", name, e)
+            continue
+        nodes.extend(mod.NODES)
+    return nodes
+
+
+class AtelierExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return collect_nodes()

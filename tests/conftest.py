@@ -1,0 +1,81 @@
+"""Shared fixtures: one real ComfyUI booted in-process per test session, with the pack loaded
+through ComfyUI's own custom-node loader from a folder with an arbitrary name.
+
+No mocks of ComfyUI: graphs run through ``execution.PromptExecutor`` and its validator.
+Without ComfyUI, tests that need it are skipped locally and fail under CI=true.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from atelier_testlib import IN_CI, ROOT, comfy_env, load_tool  # noqa: E402,F401
+
+@pytest.fixture(scope="session")
+def comfy_path() -> Path:
+    try:
+        return comfy_env.find_comfyui(install=False, verbose=False)
+    except comfy_env.ComfyNotFound as e:
+        if IN_CI:
+            pytest.fail(f"CI=true and ComfyUI is missing: {e}")
+        pytest.skip(f"ComfyUI not available: {e}")
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("comfy_session")
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_path, session_dir):
+    """The booted in-process ComfyUI (tools/headless.Headless) with the pack loaded."""
+    headless = load_tool("headless")
+    existing = headless.Headless.current()
+    if existing is not None:
+        return existing
+    custom_nodes = session_dir / "custom_nodes"
+    custom_nodes.mkdir()
+    link = custom_nodes / f"atelier_pack_{uuid.uuid4().hex[:8]}"  # any folder name must work
+    link.symlink_to(ROOT, target_is_directory=True)
+    input_dir = session_dir / "input"
+    input_dir.mkdir()
+    example = comfy_path / "input" / "example.png"
+    if example.is_file():
+        shutil.copy(example, input_dir / "example.png")
+    return headless.Headless(comfy_path=comfy_path, output_dir=str(session_dir / "output"),
+                             input_dir=str(input_dir), user_dir=str(session_dir / "user"),
+                             pack_path=str(link), cpu=True)
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack's package as ComfyUI imported it (pack.nodes, pack.models, ...)."""
+    return comfy.pack_module
+
+
+@pytest.fixture(scope="session")
+def tiny(pack):
+    """nodes/tiny_family.py as loaded inside ComfyUI."""
+    import importlib
+    return importlib.import_module(pack.__name__ + ".nodes.tiny_family")
+
+
+@pytest.fixture(scope="session")
+def run_graph(comfy):
+    """Run an API prompt; result["values"][node_id] is that node's outputs (first list item per slot),
+    read back from the executor's own output cache."""
+    def _run(prompt: dict, want: list[str] | tuple = ()):
+        result = comfy.run_prompt(prompt)
+        cache = comfy.executor.caches.outputs
+        result["values"] = {nid: tuple(slot[0] for slot in cache.get(nid)) for nid in want}
+        return result
+    return _run
