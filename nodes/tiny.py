@@ -1,8 +1,12 @@
 """Loader node for the tiny, seeded test families (no files needed)."""
 from __future__ import annotations
 
+import logging
+import os
+
 from comfy_api.latest import io
 
+from ..models.tiny_substitution import substitute_tiny
 from . import tiny_family
 
 
@@ -39,3 +43,27 @@ class AtelierTinyCheckpointLoader(io.ComfyNode):
 
 
 NODES = [AtelierTinyCheckpointLoader]
+
+
+def _tiny_prompt_handler(json_data: dict) -> dict:
+    if isinstance(json_data.get("prompt"), dict):
+        json_data["prompt"] = substitute_tiny(json_data["prompt"])
+    return json_data
+
+
+def _install_tiny_mode() -> None:
+    """ATELIER_TINY_MODELS=1: the server swaps checkpoint loaders for the tiny models in every
+    queued prompt (demos and browser tests on machines without weights). Off by default."""
+    if os.environ.get("ATELIER_TINY_MODELS") != "1":
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if getattr(PromptServer, "instance", None) is None:
+        return
+    PromptServer.instance.add_on_prompt_handler(_tiny_prompt_handler)
+    logging.warning("[Atelier] ATELIER_TINY_MODELS=1: checkpoint loaders run the tiny seeded models.")
+
+
+_install_tiny_mode()

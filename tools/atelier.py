@@ -6,6 +6,7 @@
     python tools/atelier.py run WF.json [--tiny] [--out DIR]
     python tools/atelier.py test [-- PYTEST ARGS]
     python tools/atelier.py bench [NAME]
+    python tools/atelier.py gallery          # screenshots of every workflow run in the real frontend
     python tools/atelier.py make-workflows   # regenerate workflows/*.json from tools/make_workflows.py
 
 Run it as a script (``python tools/atelier.py``), never with ``python -m`` from the repo root:
@@ -65,6 +66,22 @@ def install_requirements(comfy_path: Path | None) -> None:
         _pip(args)
 
 
+def ensure_chromium() -> None:
+    """The browser tests drive Debian's chromium (Playwright's own browser download is not used)."""
+    import shutil
+    if any(Path(p).is_file() for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser")) or shutil.which("chromium"):
+        return
+    apt = shutil.which("apt-get")
+    if apt and hasattr(os, "geteuid") and os.geteuid() == 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        print("[atelier] installing chromium for the browser tests (apt-get)", flush=True)
+        subprocess.check_call([apt, "update", "-qq"], env=env)
+        subprocess.check_call([apt, "install", "-y", "-qq", "chromium"], env=env)
+    else:
+        print("[atelier] chromium not found: the browser tests will be skipped. Install your distribution's "
+              "chromium package (Debian/Ubuntu: sudo apt-get install chromium).", file=sys.stderr)
+
+
 def cmd_setup(ns) -> int:
     try:
         comfy_path = comfy_env.find_comfyui(install=False)
@@ -77,6 +94,8 @@ def cmd_setup(ns) -> int:
         if not ns.skip_install:
             install_requirements(comfy_path)
     comfy_env.link_pack(comfy_path)
+    if ns.browser:
+        ensure_chromium()
     print(f"[atelier] ready: ComfyUI at {comfy_path}", flush=True)
     if ns.no_demo:
         return 0
@@ -139,7 +158,8 @@ def cmd_run(ns) -> int:
 
 def cmd_test(ns) -> int:
     env = dict(os.environ, PYTHONSAFEPATH="1")  # keep the repo root off sys.path (Python >= 3.11)
-    cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests")] + ns.pytest_args
+    targets = [] if any(a.startswith("tests") or a.endswith(".py") for a in ns.pytest_args) else [str(ROOT / "tests")]
+    cmd = [sys.executable, "-m", "pytest"] + targets + ns.pytest_args
     print("[atelier] " + " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, cwd=str(ROOT), env=env)
     if rc == 5:
@@ -159,6 +179,16 @@ def cmd_bench(ns) -> int:
     return rc
 
 
+def cmd_gallery(ns) -> int:
+    import browser
+    paths = sorted((ROOT / "workflows").glob("*.json"))
+    out = ROOT / "docs" / "gallery"
+    rows = browser.make_gallery(paths, out)
+    _print_table([(r["workflow"], f"{r['seconds']:.2f}", str(r["images"]), "ok" if r["ok"] else "FAILED") for r in rows])
+    print(f"\nscreenshots in {out.relative_to(ROOT)}/")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 def cmd_make_workflows(ns) -> int:
     spec = importlib.util.spec_from_file_location("make_workflows", HERE / "make_workflows.py")
     mod = importlib.util.module_from_spec(spec)
@@ -175,6 +205,7 @@ def main(argv=None) -> int:
     s = sub.add_parser("setup", help="install dependencies, find/install ComfyUI, link the pack, run the demo")
     s.add_argument("--no-demo", action="store_true", help="stop after installing")
     s.add_argument("--skip-install", action="store_true", help="do not run pip")
+    s.add_argument("--browser", action="store_true", help="also install chromium (apt) for the browser tests")
     s.add_argument("--out", default=str(ROOT / "out" / "demo"), help="where the demo writes images")
     s.set_defaults(fn=cmd_setup)
     d = sub.add_parser("demo", help="run every example workflow headless on the tiny models")
@@ -192,6 +223,8 @@ def main(argv=None) -> int:
     b.add_argument("name", nargs="?")
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
+    gl = sub.add_parser("gallery", help="run every workflow in the real frontend (headless Chromium); save screenshots to docs/gallery")
+    gl.set_defaults(fn=cmd_gallery)
     m = sub.add_parser("make-workflows", help="regenerate workflows/*.json")
     m.set_defaults(fn=cmd_make_workflows)
     ns = p.parse_args(argv)

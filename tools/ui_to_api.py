@@ -8,8 +8,6 @@ bypassed (mode 4) nodes are resolved the way the frontend resolves them when it 
 """
 from __future__ import annotations
 
-import zlib
-
 VIRTUAL = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
@@ -127,37 +125,18 @@ def convert(workflow: dict, class_mappings: dict) -> dict:
     return prompt
 
 
-def tiny_family_for(ckpt_name: str) -> str:
-    return "sdxl" if "xl" in ckpt_name.lower() else "sd15"
+# --tiny substitution lives in the pack (models/tiny_substitution.py) so the server-side tiny mode
+# (ATELIER_TINY_MODELS=1, nodes/tiny.py) and this runner share one implementation.
+def _load_substitution():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "models" / "tiny_substitution.py"
+    spec = importlib.util.spec_from_file_location("atelier_tiny_substitution", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def tiny_seed_for(ckpt_name: str) -> int:
-    """Stable per-name seed: two different checkpoint names become two different tiny experts."""
-    return zlib.crc32(ckpt_name.encode("utf-8")) & 0x7FFFFFFF
-
-
-# Size inputs that --tiny divides by TINY_SCALE: the tiny families' native sizes (64/128 px) are
-# SD1.5's and SDXL's (512/1024 px) divided by 8, so ratios between families and stages hold.
-TINY_SCALE = 8
-TINY_SCALED_INPUTS = {"EmptyLatentImage": ("width", "height")}
-
-
-def substitute_tiny(prompt: dict) -> dict:
-    """Point checkpoint loaders at the tiny seeded models (same outputs: MODEL, CLIP, VAE) and
-    shrink empty latents to the tiny models' native scale (1/8, at least 64 px)."""
-    out = {}
-    for nid, node in prompt.items():
-        scaled = TINY_SCALED_INPUTS.get(node["class_type"], ())
-        if scaled:
-            node = {**node, "inputs": dict(node["inputs"])}
-            for key in scaled:
-                value = node["inputs"].get(key)
-                if isinstance(value, int):
-                    node["inputs"][key] = max(64, (value // TINY_SCALE) // 8 * 8)
-        if node["class_type"] == "CheckpointLoaderSimple":
-            name = str(node["inputs"].get("ckpt_name", ""))
-            node = {"class_type": "AtelierTinyCheckpointLoader",
-                    "inputs": {"family": tiny_family_for(name), "seed": tiny_seed_for(name)},
-                    "_meta": {"title": f"tiny stand-in for {name}"}}
-        out[nid] = node
-    return out
+_sub = _load_substitution()
+substitute_tiny = _sub.substitute_tiny
+TINY_SCALED_INPUTS = _sub.TINY_SCALED_INPUTS
