@@ -44,7 +44,9 @@ def front(comfy_path, tmp_path_factory):
 def test_workflow_runs_in_real_frontend(front, path):
     browser = load_tool("browser")
     wf = json.loads(path.read_text())
+    errors_before = len(front.page_errors)
     r = browser.run_workflow_in_browser(front, wf)
+    assert front.page_errors[errors_before:] == [], "the frontend threw while loading/running the workflow"
     assert r["missing"] == [], f"frontend does not know node types {r['missing']}"
     assert r["node_errors"] == {}, f"validation errors shown in the UI: {r['node_errors']}"
     status = r["history"]["status"]

@@ -176,8 +176,9 @@ class Frontend:
         self.browser = self._pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
         self.page = self.browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
         self.console_errors: list[str] = []
+        self.page_errors: list[str] = []  # uncaught JS exceptions
         self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
-        self.page.on("pageerror", lambda e: self.console_errors.append(str(e)))
+        self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
         # Skip the first-visit template browser.
         for key, value in (("Comfy.TutorialCompleted", True), ("Comfy.Workflow.ShowMissingModelsWarning", False)):
             try:

@@ -117,9 +117,15 @@ def link_pack(comfy_path: Path, name: str = LINK_NAME) -> Path:
         except OSError:
             continue
     link = custom_nodes / name
-    if link.exists() or link.is_symlink():
-        raise ComfyNotFound(f"{link} exists and is not this pack ({PACK_ROOT}). Remove it or set "
-                            "COMFYUI_PATH to another ComfyUI.")
+    if link.is_symlink():
+        # A link from an earlier checkout (or a dangling one): point it at this checkout.
+        old_target = os.readlink(link)
+        link.unlink()
+        print(f"[atelier] re-pointing {link} (was -> {old_target})", file=sys.stderr)
+    elif link.exists():
+        print(f"[atelier] {link} is a separate install of a pack; leaving it alone. ComfyUI will load "
+              f"that copy, not {PACK_ROOT}.", file=sys.stderr)
+        return link
     link.symlink_to(PACK_ROOT, target_is_directory=True)
     print(f"[atelier] linked {link} -> {PACK_ROOT}", file=sys.stderr)
     return link

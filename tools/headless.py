@@ -111,9 +111,9 @@ class Headless:
         self.nodes = nodes
         # Same order as main.py: core extra nodes, then custom nodes.
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-        if pack_path is None:
-            pack_path = comfy_env.link_pack(self.comfy_path)
-        self.pack_path = str(pack_path)
+        # The pack is loaded from this checkout through ComfyUI's own loader, whatever is linked
+        # into ComfyUI/custom_nodes (that link is for the user's server; see `setup`).
+        self.pack_path = str(pack_path or PACK_ROOT)
         ok = asyncio.run(nodes.load_custom_node(self.pack_path))
         if not ok:
             raise WorkflowError(f"ComfyUI could not load the Atelier pack from {self.pack_path}; see the log above.")
