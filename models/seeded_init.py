@@ -9,34 +9,28 @@ import math
 
 import torch
 
-_NORM_HINTS = ("norm", "ln_", "layer_norm", "final_layer_norm", "ln")
-
-
-def _is_norm(name: str) -> bool:
-    leaf = name.rsplit(".", 2)
-    owner = leaf[-2] if len(leaf) > 1 else ""
-    return any(h in owner.lower() for h in _NORM_HINTS)
+NORM_TYPES = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.batchnorm._NormBase)
 
 
 @torch.no_grad()
 def seeded_init_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Module:
     """Fill every parameter of ``module`` from a generator seeded with ``seed``.
 
-    Weights of rank >= 2 get N(0, gain/sqrt(fan_in)) (embeddings N(0, 0.02)); norm scales 1,
-    biases and other vectors 0; scalar parameters are left alone (e.g. TAESD's vae_scale).
+    Norm layers (found by type, ComfyUI's subclasses included) get scale 1 and shift 0; other
+    weights of rank >= 2 get N(0, gain/sqrt(fan_in)) (embeddings N(0, 0.02)); other vectors
+    (biases) 0; scalar parameters are left alone (e.g. TAESD's vae_scale).
     """
     gen = torch.Generator().manual_seed(int(seed))
-    for name, p in module.named_parameters():
-        if p.ndim == 0:
-            continue
-        if p.ndim == 1:
-            fill = torch.ones if (name.endswith("weight") and _is_norm(name)) else torch.zeros
-            p.copy_(fill(p.shape, dtype=p.dtype))
-            continue
-        if "embedding" in name:
-            std = 0.02
-        else:
-            fan_in = p[0].numel()
-            std = gain / math.sqrt(max(1, fan_in))
-        p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
+    for mod_name, mod in module.named_modules():
+        is_norm = isinstance(mod, NORM_TYPES)
+        for p_name, p in mod.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if p.ndim == 0:
+                continue
+            if is_norm or p.ndim == 1:
+                fill = torch.ones if (is_norm and p_name == "weight") else torch.zeros
+                p.copy_(fill(p.shape, dtype=p.dtype))
+                continue
+            std = 0.02 if "embedding" in name else gain / math.sqrt(max(1, p[0].numel()))
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
     return module

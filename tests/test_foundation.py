@@ -178,3 +178,32 @@ def test_pyproject_dependencies_match_requirements():
     assert deps == reqs
     for pinned in ("torch", "torchvision", "numpy"):
         assert pinned in reqs, f"{pinned} must be listed unpinned"
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_tiny_unet_responds_to_input_and_conditioning(tiny, family):
+    """Norm scales must be 1 (a zero scale silences whole blocks and the UNet ignores its prompt)."""
+    m = tiny.build_model(family, 0).model
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([1.0])
+    ctx_a = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(1))
+    ctx_b = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(2))
+    extra = {}
+    if family == "sdxl":
+        extra["y"] = torch.zeros(1, m.adm_channels)
+    with torch.no_grad():
+        out_a = m.apply_model(x, sigma, c_crossattn=ctx_a, **extra)
+        out_b = m.apply_model(x, sigma, c_crossattn=ctx_b, **extra)
+    assert out_a.abs().mean() > 1e-3
+    assert (out_a - out_b).abs().mean() > 1e-4
+
+
+def test_partially_invalid_graph_fails_whole(comfy):
+    headless = load_tool("headless")
+    prompt = txt2img_prompt()
+    prompt["8"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "x"}}
+    prompt["9"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 1]}}  # CLIP as VAE
+    prompt["10"] = {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}}
+    with pytest.raises(headless.WorkflowError) as e:
+        comfy.run_prompt(prompt)
+    assert "9" in str(e.value) or "VAEDecode" in str(e.value)

@@ -155,7 +155,10 @@ class Headless:
     def validate(self, prompt: dict) -> list[str]:
         valid = asyncio.run(self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
         ok, error, outputs, node_errors = valid
-        if not ok:
+        # ComfyUI runs the outputs that validate and silently drops the others; a headless run
+        # must not pass with half its graph skipped, so any node error fails it.
+        if not ok or node_errors:
+            error = error or {"message": "Some nodes failed validation", "details": ""}
             raise WorkflowError(format_validation_error(prompt, error, node_errors))
         return outputs
 
