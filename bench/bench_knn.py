@@ -1,0 +1,253 @@
+"""Benchmark of the kNN retriever (SPEC section 5).
+
+Part 1, the index: N synthetic clustered unit vectors (hierarchical clusters with Zipf sizes plus noise,
+seeded), the index kinds of models/knn_index.py built over them; build time, peak memory, file size,
+single-query latency p50/p99 (one query at a time, `--query-threads` faiss threads) and recall@k
+against exact search, over an nprobe sweep; the same on the saved file loaded memory-mapped.
+Part 2, embedding: a full `build_index` of a folder of generated images with a tiny open_clip
+(seeded random weights saved as safetensors and loaded through the real loader): images/s.
+
+    python bench/bench_knn.py --n 1000000          # the SPEC figure (~10 min on 2 cores)
+    python bench/bench_knn.py --n 20000 --queries 200 --embed-images 64   # quick
+
+Prints a table and one JSON object (also written to --out).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+BENCH_CLIP = {  # tiny, but with a real 224 px input so decoding/resizing cost is realistic
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def load_models_package():
+    """The pack's models/ as package `atelier_models`, by file path (the repo root never goes on sys.path)."""
+    if "atelier_models" in sys.modules:
+        return sys.modules["atelier_models"]
+    init = REPO / "models" / "__init__.py"
+    if init.is_file():
+        spec = importlib.util.spec_from_file_location("atelier_models", init,
+                                                      submodule_search_locations=[str(REPO / "models")])
+    else:
+        spec = importlib.machinery.ModuleSpec("atelier_models", None, is_package=True)
+        spec.submodule_search_locations = [str(REPO / "models")]
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["atelier_models"] = pkg
+    if spec.loader is not None:
+        spec.loader.exec_module(pkg)
+    return pkg
+
+
+def rss() -> dict:
+    """Current/peak resident memory in MiB from /proc (Linux); empty elsewhere."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = round(int(val.split()[0]) / 1024, 1)
+    except OSError:
+        pass
+    return out
+
+
+def clustered(n: int, dim: int, seed: int, noise: float, n_super: int = 200, n_sub: int = 20_000) -> np.ndarray:
+    """Unit vectors: a shared direction + a super-cluster + a sub-cluster (Zipf-sized) + noise."""
+    rng = np.random.default_rng(seed)
+
+    def unit(m):
+        g = rng.standard_normal((m, dim), dtype=np.float32)
+        return g / np.linalg.norm(g, axis=1, keepdims=True)
+
+    mu, sup = unit(1), unit(n_super)
+    centres = 0.7 * sup[rng.integers(0, n_super, n_sub)] + 0.7 * unit(n_sub)
+    w = np.minimum(rng.zipf(1.5, n_sub), 1000).astype(np.float64)
+    w /= w.sum()
+    out = np.empty((n, dim), np.float32)
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        chunk = 0.6 * mu + centres[rng.choice(n_sub, m, p=w)] + noise * unit(m)
+        out[s:s + m] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return out
+
+
+def exact_topk(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    best_s = np.full((len(q), k), -np.inf, np.float32)
+    best_i = np.zeros((len(q), k), np.int64)
+    for s in range(0, len(x), 65_536):
+        sc = q @ x[s:s + 65_536].T
+        cs = np.concatenate([best_s, sc], 1)
+        ci = np.concatenate([best_i, np.arange(s, s + sc.shape[1])[None].repeat(len(q), 0)], 1)
+        top = np.argpartition(-cs, k - 1, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(cs, top, 1), np.take_along_axis(ci, top, 1)
+    return best_i
+
+
+def time_queries(knn_index, index, info, q, k, vectors, nprobe, gt) -> dict:
+    lat, found = [], []
+    for i in range(min(20, len(q))):  # warm-up
+        knn_index.search(index, info, q[i:i + 1], k, vectors, nprobe)
+    for i in range(len(q)):
+        t = time.perf_counter()
+        _, ids = knn_index.search(index, info, q[i:i + 1], k, vectors, nprobe)
+        lat.append(time.perf_counter() - t)
+        found.append(len(set(ids[0].tolist()) & set(gt[i].tolist())) / k)
+    lat = np.array(lat) * 1e3
+    return {"nprobe": nprobe, "recall": round(float(np.mean(found)), 4),
+            "p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3)}
+
+
+def bench_index(args, knn_index, faiss) -> list[dict]:
+    t = time.perf_counter()
+    data = clustered(args.n + args.queries, args.dim, args.seed, args.noise)
+    x, q = data[:args.n], data[args.n:]
+    gen_s = time.perf_counter() - t
+    t = time.perf_counter()
+    gt = exact_topk(x, q, args.k)
+    gt_s = time.perf_counter() - t
+    print(f"data {gen_s:.1f} s, exact ground truth {gt_s:.1f} s, rss {rss()}", file=sys.stderr)
+    results = []
+    for kind in args.kinds.split(","):
+        faiss.omp_set_num_threads(args.build_threads)
+        before = rss()
+        t = time.perf_counter()
+        index, info = knn_index.build(x, kind, seed=args.seed)
+        build_s = time.perf_counter() - t
+        after = rss()
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            path = os.path.join(tmp, "index.faiss")
+            knn_index.save(index, path)
+            size_mb = os.path.getsize(path) / 2**20
+            faiss.omp_set_num_threads(args.query_threads)
+            sweep = [int(p) for p in args.nprobe.split(",")] if info["kind"] in ("ivf", "ivfpq") else [None]
+            rows = [time_queries(knn_index, index, info, q, args.k, x, p, gt) for p in sweep]
+            del index
+            gc.collect()
+            r0 = rss()
+            mm = knn_index.load(path, mmap=True)
+            r1 = rss()
+            mm_cold = time_queries(knn_index, mm, info, q, args.k, x, info.get("nprobe"), gt)
+            r2 = rss()
+            mm_row = time_queries(knn_index, mm, info, q, args.k, x, info.get("nprobe"), gt)
+            del mm
+        ok = [r for r in rows if r["recall"] >= args.target_recall]
+        res = {
+            "kind": info["kind"], "params": info, "n": args.n, "dim": args.dim, "build_s": round(build_s, 1),
+            "build_threads": args.build_threads, "query_threads": args.query_threads,
+            "rss_mib_before_build": before.get("VmRSS"), "rss_mib_after_build": after.get("VmRSS"),
+            "peak_rss_mib": after.get("VmHWM"), "build_rss_increase_mib": round(after["VmRSS"] - before["VmRSS"], 1)
+            if "VmRSS" in after else None, "index_file_mib": round(size_mb, 1), "sweep": rows,
+            "mmap": {"anon_mib_delta_on_load": round(r1.get("RssAnon", 0) - r0.get("RssAnon", 0), 1),
+                     "file_mib_after_queries": r2.get("RssFile"), "first_pass": mm_cold, **mm_row},
+            "best_meeting_target": min(ok, key=lambda r: r["p50_ms"]) if ok else None,
+        }
+        results.append(res)
+        print(f"{info['kind']}: built in {build_s:.1f} s; " + json.dumps(res), file=sys.stderr, flush=True)
+    return results
+
+
+def bench_embedding(args, knn) -> dict:
+    from atelier_models.knn_embed import random_open_clip, save_open_clip
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(args.seed)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        tmp = Path(tmp)
+        weights = save_open_clip(random_open_clip(BENCH_CLIP, seed=args.seed), BENCH_CLIP, tmp / "bench_clip.safetensors",
+                                 arch="atelier-bench-tiny")
+        embedder = knn.load_open_clip(weights)
+        folder = tmp / "images"
+        folder.mkdir()
+        for i in range(args.embed_images):
+            img = Image.new("RGB", (512, 384), tuple(int(c) for c in rng.integers(0, 256, 3)))
+            draw = ImageDraw.Draw(img)
+            for _ in range(4):
+                x0, y0 = rng.integers(0, 400), rng.integers(0, 300)
+                draw.rectangle([x0, y0, x0 + 100, y0 + 80], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            img.save(folder / f"{i:05d}.jpg", quality=90)
+        t = time.perf_counter()
+        report = knn.build_index(folder, tmp / "index", embedder, batch_size=32)
+        build_s = time.perf_counter() - t
+        imgs = [Image.open(p).convert("RGB") for p in sorted(folder.iterdir())[:64]]
+        t = time.perf_counter()
+        embedder.embed_images(imgs)
+        pure_s = time.perf_counter() - t
+        index = knn.KNNIndex(tmp / "index")
+        lat = []
+        for i in range(100):
+            t = time.perf_counter()
+            index.search(index.vectors[i % len(index)], 8)
+            lat.append(time.perf_counter() - t)
+        return {"images": args.embed_images, "source_px": "512x384 jpeg", "model": BENCH_CLIP,
+                "build_index_s": round(build_s, 2), "images_per_s": round(args.embed_images / build_s, 1),
+                "embed_only_images_per_s": round(len(imgs) / pure_s, 1), "indexed": report.indexed,
+                "api_search_p50_ms": round(float(np.percentile(np.array(lat) * 1e3, 50)), 3)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000, help="number of database vectors")
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--kinds", default="auto", help="comma list of index kinds: auto, flat, ivf, ivfpq, hnsw")
+    ap.add_argument("--nprobe", default="8,12,16,24,32,48,64", help="nprobe sweep for IVF kinds")
+    ap.add_argument("--noise", type=float, default=2.0, help="noise relative to the cluster structure")
+    ap.add_argument("--target-recall", type=float, default=0.95)
+    ap.add_argument("--build-threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--query-threads", type=int, default=1)
+    ap.add_argument("--embed-images", type=int, default=256, help="images for the embedding throughput (0: skip)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tmp", default=None, help="scratch folder (default: system temp)")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+
+    load_models_package()
+    import faiss
+
+    knn = importlib.import_module("atelier_models.knn")
+    knn_index = importlib.import_module("atelier_models.knn_index")
+    result = {"machine": {"cpus": os.cpu_count(), "faiss": faiss.__version__,
+                          "faiss_simd": getattr(faiss, "get_compile_options", lambda: "?")()},
+              "index": bench_index(args, knn_index, faiss) if args.n else []}
+    if args.embed_images:
+        result["embedding"] = bench_embedding(args, knn)
+
+    print(f"\n{'kind':6} {'nprobe':>6} {'recall@' + str(args.k):>9} {'p50 ms':>8} {'p99 ms':>8}")
+    for r in result["index"]:
+        for row in r["sweep"]:
+            print(f"{r['kind']:6} {row['nprobe']!s:>6} {row['recall']:9.4f} {row['p50_ms']:8.3f} {row['p99_ms']:8.3f}")
+        m = r["mmap"]
+        print(f"{r['kind']:6} {m['nprobe']!s:>6} {m['recall']:9.4f} {m['p50_ms']:8.3f} {m['p99_ms']:8.3f}  (mmap, 2nd pass; 1st pass p50 {m['first_pass']['p50_ms']} ms)")
+        print(f"  build {r['build_s']} s, RSS +{r['build_rss_increase_mib']} MiB (peak {r['peak_rss_mib']} MiB "
+              f"incl. data), file {r['index_file_mib']} MiB, mmap load +{m['anon_mib_delta_on_load']} MiB anon")
+    if "embedding" in result:
+        e = result["embedding"]
+        print(f"embedding: {e['images_per_s']} images/s end-to-end build, {e['embed_only_images_per_s']} images/s embed only")
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,496 @@
+"""kNN retriever nodes (KNN-Diffusion): build a CLIP index of an image folder, retrieve neighbours by text
+or image, and turn them into conditioning. Thin glue over ../models/knn.py.
+
+Folders (registered at import, extendable in extra_model_paths.yaml):
+  atelier_knn_index   models/atelier/knn_index/<name>/      one folder per index (database)
+  atelier_open_clip   models/atelier/open_clip/*.safetensors open_clip checkpoints (both towers)
+  atelier_knn_images  (none by default)                      image folders that may be indexed besides
+                                                             ComfyUI's input folder
+
+Conditioning path: the neighbours' image embeddings go into ``unclip_conditioning``, the input through which
+ComfyUI feeds a CLIP *image* embedding to the models trained to take one (SD2.1 unCLIP; SDXL "revision",
+which reads it as the pooled vector). That is what KNN-Diffusion conditions on: image embeddings of the
+query's neighbours, no retraining. Token-level paths (style models such as Redux, IPAdapter) need the
+neighbours' hidden states: the Retrieve node re-encodes the neighbour images with a CLIP_VISION model for
+its CLIP_VISION_OUTPUT, which the core and IPAdapter nodes take as is.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+
+import comfy.clip_vision
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from ..models import knn
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "atelier/retrieval"
+FOLDER_INDEX = "atelier_knn_index"
+FOLDER_OPEN_CLIP = "atelier_open_clip"
+FOLDER_IMAGES = "atelier_knn_images"
+FROM_FILE = "from file"
+
+Embedder = io.Custom("ATELIER_KNN_EMBEDDER")
+Index = io.Custom("ATELIER_KNN_INDEX")
+Neighbours = io.Custom("ATELIER_KNN_NEIGHBOURS")
+
+
+def _register_folders() -> None:
+    """Our model folders, keeping any paths extra_model_paths.yaml already gave them."""
+    for name, sub, exts in ((FOLDER_INDEX, ("atelier", "knn_index"), {".json"}),
+                            (FOLDER_OPEN_CLIP, ("atelier", "open_clip"), {".safetensors"}),
+                            (FOLDER_IMAGES, None, set())):
+        paths, _ = folder_paths.folder_names_and_paths.get(name, ([], set()))
+        if sub is not None:
+            default = os.path.join(folder_paths.models_dir, *sub)
+            paths = [default] + [p for p in paths if p != default]
+        folder_paths.folder_names_and_paths[name] = (paths, exts)
+
+
+_register_folders()
+
+
+# ----------------------------------------------------------------------------- paths
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def resolve_image_folder(text: str) -> Path:
+    """A folder from a widget: relative to ComfyUI's input folder, or absolute inside it or inside a folder
+    listed under atelier_knn_images. The check is on the normalised path, so an admin's symlink inside an
+    allowed folder still works, while '..' and other absolute paths are refused."""
+    text = (text or "").strip().strip('"')
+    if not text:
+        raise knn.KNNError("folder: type a folder of images, relative to ComfyUI's input folder (e.g. 'moodboard').")
+    input_dir = Path(os.path.abspath(folder_paths.get_input_directory()))
+    roots = [input_dir] + [Path(os.path.abspath(p)) for p in folder_paths.get_folder_paths(FOLDER_IMAGES)]
+    p = Path(text).expanduser()
+    candidate = Path(os.path.normpath(p if p.is_absolute() else input_dir / p))
+    if any(_inside(candidate, r) for r in roots):
+        return candidate
+    raise knn.KNNError(
+        f"folder: {text} is outside the folders Atelier may index. Put the images under ComfyUI's input folder "
+        f"({input_dir}), or list their folder under 'atelier_knn_images:' in extra_model_paths.yaml.")
+
+
+def index_names() -> list[str]:
+    names = set()
+    for base in folder_paths.get_folder_paths(FOLDER_INDEX):
+        if os.path.isdir(base):
+            names.update(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "atelier_knn.json")))
+    return sorted(names)
+
+
+def index_dir(name: str, create: bool = False) -> Path:
+    name = knn.check_index_name(name)
+    bases = folder_paths.get_folder_paths(FOLDER_INDEX)
+    for base in bases:
+        if os.path.isfile(os.path.join(base, name, "atelier_knn.json")):
+            return knn.safe_join(base, name)
+    if create:
+        return knn.safe_join(bases[0], name)
+    raise knn.KNNError(f"No index named {name!r} in {', '.join(bases)}. Build it with 'Atelier kNN Build Index' "
+                       "and refresh the page (R).")
+
+
+# ----------------------------------------------------------------------------- embedders
+
+def _state_fingerprint(module: torch.nn.Module) -> str:
+    """Identifies CLIP vision weights: every key and shape, plus the values of a few small tensors."""
+    h = hashlib.sha256()
+    sd = module.state_dict()
+    for k in sorted(sd):
+        h.update(f"{k}:{tuple(sd[k].shape)};".encode())
+    for k in sorted(sd)[-8:]:
+        h.update(sd[k].detach().float().cpu().contiguous().numpy().tobytes()[: 1 << 20])
+    return h.hexdigest()[:16]
+
+
+def clip_vision_embedder(clip_vision) -> knn.CallableEmbedder:
+    """Wrap ComfyUI's ClipVisionModel: image embeddings only (it has no text tower)."""
+    model = clip_vision.model
+    proj = getattr(model, "visual_projection", None)
+    dim = getattr(proj, "out_features", None)
+    if dim is None:
+        raise knn.KNNError("This CLIP vision model has no projection head (e.g. DINOv2), so it makes no CLIP image "
+                           "embedding; use a CLIP ViT-L/H/G vision model.")
+
+    def image_fn(batch: torch.Tensor) -> torch.Tensor:
+        return clip_vision.encode_image(batch, crop=True).image_embeds
+
+    emb = knn.CallableEmbedder(f"comfy_clip_vision:{_state_fingerprint(model)}", dim, clip_vision.image_size,
+                               image_fn, kind="comfy_clip_vision")
+    emb.clip_vision = clip_vision
+    return emb
+
+
+class AtelierKNNOpenCLIPLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import open_clip
+        return io.Schema(
+            node_id="AtelierKNNOpenCLIPLoader",
+            display_name="Atelier kNN open_clip Loader",
+            category=CATEGORY,
+            description="Loads an open_clip CLIP model (image and text towers) from models/atelier/open_clip "
+                        "(.safetensors only) as the embedding model of a kNN index. Text queries need it.",
+            inputs=[
+                io.Combo.Input("clip_name", options=folder_paths.get_filename_list(FOLDER_OPEN_CLIP),
+                               tooltip="An open_clip checkpoint in models/atelier/open_clip, e.g. "
+                                       "open_clip_model.safetensors from an open_clip Hugging Face repo."),
+                io.Combo.Input("architecture", options=[FROM_FILE] + open_clip.list_models(), default=FROM_FILE,
+                               tooltip="The open_clip architecture of the file (e.g. ViT-H-14). 'from file' reads it "
+                                       "from the file's metadata or from a <name>.json / open_clip_config.json "
+                                       "next to it."),
+            ],
+            outputs=[Embedder.Output("embedder", tooltip="Embedding model for the kNN nodes.")],
+        )
+
+    @classmethod
+    def execute(cls, clip_name: str, architecture: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(FOLDER_OPEN_CLIP, clip_name)
+        arch = None if architecture == FROM_FILE else architecture
+        return io.NodeOutput(knn.load_open_clip(path, arch=arch, device=comfy.model_management.text_encoder_device()))
+
+
+class AtelierKNNCLIPVisionEmbedder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierKNNCLIPVisionEmbedder",
+            display_name="Atelier kNN Embedder from CLIP Vision",
+            category=CATEGORY,
+            description="Uses a ComfyUI CLIP Vision model (Load CLIP Vision) as the embedding model of a kNN "
+                        "index: its image embeddings are exactly what unCLIP, style models and IPAdapter read. "
+                        "It has no text tower, so such an index is queried by image.",
+            inputs=[io.ClipVision.Input("clip_vision", tooltip="From Load CLIP Vision, e.g. clip_vision_h.safetensors "
+                                                               "for SD2.1 unCLIP-h, clip_vision_g for SDXL revision.")],
+            outputs=[Embedder.Output("embedder", tooltip="Embedding model for the kNN nodes (image queries only).")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision) -> io.NodeOutput:
+        return io.NodeOutput(clip_vision_embedder(clip_vision))
+
+
+# ----------------------------------------------------------------------------- build / load
+
+class AtelierKNNBuildIndex(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierKNNBuildIndex",
+            display_name="Atelier kNN Build Index",
+            category=CATEGORY,
+            description="Embeds every image of a folder (recursively) into a kNN index under "
+                        "models/atelier/knn_index/<index_name>. Incremental: unchanged images are not embedded "
+                        "again, removed ones are dropped. Cancel keeps the work done; running it again resumes. "
+                        "Unreadable images are skipped and listed in the report.",
+            inputs=[
+                Embedder.Input("embedder", tooltip="The embedding model; query the index with the same one."),
+                io.String.Input("folder", default="", tooltip="Folder of images, relative to ComfyUI's input folder "
+                                "(or absolute, inside it or inside a folder listed under atelier_knn_images in "
+                                "extra_model_paths.yaml)."),
+                io.String.Input("index_name", default="my_images", tooltip="Name of the index (database): letters, "
+                                "digits, spaces, '_', '-', '.'. It appears in the Load Index list."),
+                io.Combo.Input("index_type", options=list(knn.knn_index.KINDS), default="auto",
+                               tooltip="auto: exact search below 100k images, IVF above, IVF-PQ above 5M. "
+                                       "hnsw: fastest queries, slow to build."),
+                io.Boolean.Input("rebuild", default=False, tooltip="Discard the index and embed everything again "
+                                 "(needed to switch the embedding model)."),
+                io.Int.Input("batch_size", default=16, min=1, max=512, tooltip="Images embedded per step; larger is "
+                             "faster on a GPU and uses more memory."),
+            ],
+            outputs=[Index.Output("index", tooltip="The built index, ready for Retrieve."),
+                     io.String.Output("report", tooltip="Counts, and the images that were skipped and why.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str, index_name: str, index_type: str, rebuild: bool, batch_size: int,
+                           **_):
+        """Run again when the folder's images or the index change (a stat scan, no reading)."""
+        try:
+            files, skipped = knn.scan_folder(resolve_image_folder(folder))
+            exists = (index_dir(index_name, create=True) / "atelier_knn.json").is_file()
+        except (OSError, knn.KNNError):
+            return float("nan")
+        if rebuild:
+            return float("nan")
+        return (folder, index_name, index_type, len(files), len(skipped), exists,
+                hashlib.sha256(repr(files).encode()).hexdigest())
+
+    @classmethod
+    def execute(cls, embedder, folder: str, index_name: str, index_type: str, rebuild: bool,
+                batch_size: int) -> io.NodeOutput:
+        src = resolve_image_folder(folder)
+        dst = index_dir(index_name, create=True)
+        pbar = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal pbar
+            if pbar is None:
+                pbar = comfy.utils.ProgressBar(total)
+            pbar.update_absolute(done, total)
+
+        def cancel() -> bool:
+            comfy.model_management.throw_exception_if_processing_interrupted()  # raises on Cancel
+            return False
+
+        report = knn.build_index(src, dst, embedder, kind=index_type, batch_size=batch_size,
+                                 progress=progress, cancel=cancel, rebuild=rebuild)
+        text = f"{index_name}: {report.summary()}"
+        return io.NodeOutput(knn.KNNIndex(dst), text, ui=ui.PreviewText(text))
+
+
+class AtelierKNNIndexLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierKNNIndexLoader",
+            display_name="Atelier kNN Load Index",
+            category=CATEGORY,
+            description="Opens a kNN index (database) from models/atelier/knn_index. Swapping the database "
+                        "changes the neighbours, and so the picture, with nothing else changed.",
+            inputs=[
+                io.Combo.Input("database", options=index_names(), tooltip="An index built by Atelier kNN Build "
+                               "Index (or tools/build_index.py). Refresh (R) after building a new one."),
+                io.Combo.Input("memory_map", options=["auto", "on", "off"], default="auto",
+                               tooltip="Map the index file instead of reading it into RAM. auto: only when it is "
+                                       "larger than half the RAM."),
+            ],
+            outputs=[Index.Output("index", tooltip="The opened index."),
+                     io.String.Output("info", tooltip="Images, embedding model, index type.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, database: str):
+        try:
+            index_dir(database)
+        except knn.KNNError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, database: str, memory_map: str):
+        try:  # reload when the index is rebuilt
+            return (database, memory_map, os.stat(index_dir(database) / "atelier_knn.json").st_mtime_ns)
+        except (OSError, knn.KNNError):
+            return float("nan")
+
+    @classmethod
+    def execute(cls, database: str, memory_map: str) -> io.NodeOutput:
+        mmap = {"auto": "auto", "on": True, "off": False}[memory_map]
+        index = knn.KNNIndex(index_dir(database), mmap=mmap)
+        info = (f"{database}: {len(index)} images, {index.dim}-d, {index.info['kind']} index, "
+                f"embedder {index.embedder_info.get('name')}, folder {index.root}")
+        return io.NodeOutput(index, info)
+
+
+# ----------------------------------------------------------------------------- retrieve
+
+class MissingHiddenStates(knn.KNNError, AttributeError):
+    """An AttributeError (so hasattr/getattr-with-default still work) with an actionable message."""
+
+
+class _PartialVisionOutput(comfy.clip_vision.Output):
+    """A CLIP_VISION_OUTPUT holding only image_embeds; asking for hidden states says how to get them."""
+
+    def __getattr__(self, key):
+        if key.startswith("__"):
+            raise AttributeError(key)
+        raise MissingHiddenStates(
+            f"This CLIP_VISION_OUTPUT from Atelier kNN Retrieve has image_embeds only, no '{key}'. Connect a CLIP "
+            "Vision model to the Retrieve node's clip_vision input so it re-encodes the neighbour images.")
+
+
+def _vision_output(fields: dict[str, torch.Tensor], partial: bool):
+    out = _PartialVisionOutput() if partial else comfy.clip_vision.Output()
+    for k, v in fields.items():
+        out[k] = v
+    return out
+
+
+def _weighted(t, w: torch.Tensor):
+    if not isinstance(t, torch.Tensor) or t.shape[0] != len(w):
+        return t
+    w = w.to(t.device, t.dtype).view(-1, *([1] * (t.ndim - 1)))
+    return (t * w).sum(0, keepdim=True)
+
+
+def _neighbour_images(index: knn.KNNIndex, hits: knn.Neighbours, size: int) -> tuple[torch.Tensor, list[str]]:
+    imgs, missing = [], []
+    for row, path in zip(hits.ids, hits.paths):
+        try:
+            imgs.append(index.load_image(int(row)))
+        except knn.KNNError:
+            missing.append(path)
+            imgs.append(torch.full((size, size, 3), 0.5))
+    return knn.to_square_batch(imgs, size), missing
+
+
+class AtelierKNNRetrieve(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierKNNRetrieve",
+            display_name="Atelier kNN Retrieve",
+            category=CATEGORY,
+            description="Finds the k images of the index nearest to a text (or image) query in CLIP space. "
+                        "Outputs them as an image batch, their scores, and their embeddings as a "
+                        "CLIP_VISION_OUTPUT for unCLIP Conditioning, Apply Style Model or IPAdapter.",
+            inputs=[
+                Index.Input("index", tooltip="From Atelier kNN Load Index or Build Index."),
+                Embedder.Input("embedder", tooltip="The embedding model the index was built with."),
+                io.String.Input("text", multiline=True, default="", tooltip="Text query (ignored when an image is "
+                                "connected)."),
+                io.Int.Input("k", default=4, min=1, max=64, tooltip="Number of neighbours."),
+                io.Combo.Input("combine", options=["weighted mean", "all neighbours"], default="weighted mean",
+                               tooltip="CLIP_VISION_OUTPUT as one score-weighted mean (for unCLIP and single-image "
+                                       "adapters) or one row per neighbour (a batch, e.g. for IPAdapter)."),
+                io.Float.Input("temperature", default=0.05, min=0.0, max=10.0, step=0.005,
+                               tooltip="Softmax temperature over the cosine scores for the weights; 0 weighs all "
+                                       "neighbours equally, small values favour the closest."),
+                io.Int.Input("image_size", default=512, min=64, max=2048, step=8,
+                             tooltip="Side of the square neighbour images (centre-cropped)."),
+                io.Image.Input("image", optional=True, tooltip="Query by image instead of text (first of the batch)."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="Re-encode the neighbour images with this model so the CLIP_VISION_OUTPUT "
+                                            "carries hidden states too (style models, IPAdapter)."),
+                io.Boolean.Input("allow_other_model", default=False, optional=True,
+                                 tooltip="Query with a model other than the one the index was built with (same "
+                                         "dimension). Only if you know both embed into the same space."),
+            ],
+            outputs=[
+                io.Image.Output("images", tooltip="The neighbours, best first."),
+                io.ClipVisionOutput.Output("clip_vision_output", tooltip="Their CLIP embeddings."),
+                Neighbours.Output("neighbours", tooltip="Neighbours, scores and embeddings for Atelier kNN "
+                                                        "Conditioning."),
+                io.String.Output("report", tooltip="Rank, score and file of each neighbour."),
+                io.Float.Output("scores", tooltip="Cosine similarity of each neighbour (a list).",
+                                is_output_list=True),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, index, embedder, text: str, k: int, combine: str, temperature: float, image_size: int,
+                image=None, clip_vision=None, allow_other_model: bool = False) -> io.NodeOutput:
+        strict = not allow_other_model
+        if image is not None:
+            hits = index.query_image(embedder, image[:1], k, strict=strict)
+        else:
+            hits = index.query_text(embedder, text, k, strict=strict)
+        images, missing = _neighbour_images(index, hits, image_size)
+        weights = torch.from_numpy(knn.neighbour_weights(hits.scores, temperature)).float()
+        clip_vision = clip_vision or getattr(embedder, "clip_vision", None)
+        if clip_vision is not None:
+            enc = clip_vision.encode_image(images, crop=True)
+            fields = {k_: getattr(enc, k_) for k_ in vars(enc)}
+            partial = False
+        else:
+            fields = {"image_embeds": torch.from_numpy(hits.embeddings)}
+            partial = True
+        if combine == "weighted mean":
+            fields = {k_: _weighted(v, weights) for k_, v in fields.items()}
+        lines = [f"{i + 1}. {s:.4f}  {p}" for i, (s, p) in enumerate(zip(hits.scores, hits.paths))]
+        if missing:
+            lines.append(f"missing since the index was built (grey): {', '.join(missing)}; rebuild the index")
+        report = "\n".join(lines)
+        return io.NodeOutput(images, _vision_output(fields, partial), hits, report,
+                             [float(s) for s in hits.scores], ui=ui.PreviewImage(images, cls=cls))
+
+
+# ----------------------------------------------------------------------------- conditioning
+
+def _check_unclip_model(model, dim: int) -> None:
+    base = getattr(model, "model", None)
+    aug = getattr(base, "noise_augmentor", None)
+    if aug is None:
+        raise knn.KNNError(
+            f"{type(base).__name__} takes no CLIP image embedding (unCLIP), so this conditioning would be ignored. "
+            "Use an SD2.1 unCLIP or SDXL checkpoint, or send Retrieve's clip_vision_output to IPAdapter / Apply "
+            "Style Model.")
+    want = int(aug.data_mean.shape[-1])
+    if want != dim:
+        raise knn.KNNError(f"Dimension mismatch: this model reads {want}-d CLIP image embeddings, the index holds "
+                           f"{dim}-d ones. Build the index with the matching CLIP (e.g. ViT-H/14 for 1024, "
+                           "ViT-bigG for 1280, ViT-L for 768).")
+
+
+class AtelierKNNConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierKNNConditioning",
+            display_name="Atelier kNN Conditioning",
+            category=CATEGORY,
+            description="KNN-Diffusion on the models you have: conditions on the image embeddings of the retrieved "
+                        "neighbours (and optionally the query) through unCLIP conditioning, which SD2.1 unCLIP and "
+                        "SDXL (revision) read. Chain after your text conditioning.",
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip="Text conditioning to add the neighbours to."),
+                Neighbours.Input("neighbours", tooltip="From Atelier kNN Retrieve."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Overall weight of the retrieved embeddings."),
+                io.Float.Input("temperature", default=0.05, min=0.0, max=10.0, step=0.005,
+                               tooltip="Softmax temperature over the neighbours' scores; 0: equal weights."),
+                io.Float.Input("query_weight", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of the query's own embedding (KNN-Diffusion conditions on it too). "
+                                       "Text embeddings sit apart from image embeddings in CLIP space; keep it low "
+                                       "for text queries."),
+                io.Combo.Input("mode", options=["weighted mean", "separate entries"], default="weighted mean",
+                               tooltip="weighted mean: one embedding, norm kept. separate entries: one unCLIP entry "
+                                       "per neighbour, merged by the model with noise augmentation."),
+                io.Float.Input("noise_augmentation", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="unCLIP noise augmentation: higher follows the neighbours more loosely."),
+                io.Model.Input("model", optional=True, tooltip="Optional: the model you sample with, to check now "
+                               "that it reads unCLIP embeddings of this size."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="conditioning", tooltip="Conditioning with the neighbours attached.")],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, neighbours, strength: float, temperature: float, query_weight: float, mode: str,
+                noise_augmentation: float, model=None) -> io.NodeOutput:
+        dim = int(neighbours.embeddings.shape[1])
+        if model is not None:
+            _check_unclip_model(model, dim)
+        if strength == 0:
+            return io.NodeOutput(conditioning)
+        if mode == "weighted mean":
+            vec, _ = knn.combine_neighbours(neighbours, temperature, query_weight)
+            entries = [(vec, strength)]
+        else:
+            w = knn.neighbour_weights(neighbours.scores, temperature) * (1.0 - query_weight)
+            entries = [(e, strength * float(wi)) for e, wi in zip(neighbours.embeddings, w)]
+            if query_weight > 0:
+                entries.append((neighbours.query, strength * query_weight))
+        unclip = [{"clip_vision_output": _vision_output({"image_embeds": torch.from_numpy(np.asarray(v))[None]}, True),
+                   "strength": s, "noise_augmentation": noise_augmentation} for v, s in entries if not math.isclose(s, 0)]
+        out = []
+        for emb, opts in conditioning:
+            opts = opts.copy()
+            opts["unclip_conditioning"] = list(opts.get("unclip_conditioning", [])) + unclip
+            out.append([emb, opts])
+        return io.NodeOutput(out)
+
+
+NODES = [
+    AtelierKNNOpenCLIPLoader,
+    AtelierKNNCLIPVisionEmbedder,
+    AtelierKNNBuildIndex,
+    AtelierKNNIndexLoader,
+    AtelierKNNRetrieve,
+    AtelierKNNConditioning,
+]

@@ -1,0 +1,395 @@
+"""kNN retriever, pure layer (models/knn*.py): CPU, no ComfyUI, no downloads.
+
+A tiny open_clip architecture with seeded random weights is saved as safetensors and loaded back
+through the real loader; images are small generated PNGs.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parent.parent
+PKG = "atelier_knn_under_test"
+
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_48 = {**TINY, "embed_dim": 48}
+
+
+def _load_models():
+    """models/ as a package loaded by file path, so its relative imports work (no sys.path edits)."""
+    if PKG in sys.modules:
+        return sys.modules[PKG]
+    init = REPO / "models" / "__init__.py"
+    if init.is_file():
+        spec = importlib.util.spec_from_file_location(PKG, init, submodule_search_locations=[str(REPO / "models")])
+    else:
+        spec = importlib.machinery.ModuleSpec(PKG, None, is_package=True)
+        spec.submodule_search_locations = [str(REPO / "models")]
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules[PKG] = pkg
+    if spec.loader is not None:
+        spec.loader.exec_module(pkg)
+    return pkg
+
+
+_load_models()
+knn = importlib.import_module(f"{PKG}.knn")
+knn_index = importlib.import_module(f"{PKG}.knn_index")
+knn_embed = importlib.import_module(f"{PKG}.knn_embed")
+KNNError = knn.KNNError
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clip")
+    return knn_embed.save_open_clip(knn_embed.random_open_clip(TINY, seed=0), TINY, d / "tiny.safetensors", arch="tiny")
+
+
+@pytest.fixture(scope="module")
+def embedder(weights):
+    return knn.load_open_clip(weights)
+
+
+class Counting:
+    """Wraps an embedder: counts images embedded, and can fail after `fail_after` images (a crash)."""
+
+    def __init__(self, inner, fail_after: int | None = None):
+        self.inner, self.fail_after, self.count = inner, fail_after, 0
+        self.name, self.dim, self.image_size, self.has_text = inner.name, inner.dim, inner.image_size, inner.has_text
+
+    def embed_images(self, images):
+        if self.fail_after is not None and self.count + len(images) > self.fail_after:
+            raise RuntimeError("simulated crash inside the embedder")
+        self.count += len(images)
+        return self.inner.embed_images(images)
+
+    def embed_texts(self, texts):
+        return self.inner.embed_texts(texts)
+
+
+def make_images(folder: Path, n: int, seed: int, shape: str = "ellipse", hue=None, start: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(start, start + n):
+        bg = tuple(int(c) for c in (hue if hue is not None else rng.integers(0, 256, 3)))
+        img = Image.new("RGB", (40 + i % 7, 36), bg)
+        fg = tuple(int(c) for c in rng.integers(0, 256, 3))
+        x0, y0 = int(rng.integers(0, 15)), int(rng.integers(0, 12))
+        getattr(ImageDraw.Draw(img), shape)([x0, y0, x0 + 20, y0 + 18], fill=fg)
+        sub = folder / ("a" if i % 3 == 0 else "b/c")
+        sub.mkdir(parents=True, exist_ok=True)
+        paths.append(sub / f"img{i:03d}.png")
+        img.save(paths[-1])
+    return paths
+
+
+def clustered(n, dim, seed, noise=0.6):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((64, dim)).astype(np.float32)
+    x = centres[rng.integers(0, 64, n)] + noise * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def recall_at(approx_ids, exact_ids):
+    return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx_ids, exact_ids)]))
+
+
+# ----------------------------------------------------------------------------- index kinds
+
+def test_choose_kind_by_size():
+    assert knn_index.choose_kind(99_999) == "flat"
+    assert knn_index.choose_kind(100_000) == "ivf"
+    assert knn_index.choose_kind(knn_index.IVFPQ_MIN) == "ivfpq"
+    assert knn_index.choose_kind(10, "hnsw") == "hnsw"
+    with pytest.raises(KNNError, match="Unknown index type"):
+        knn_index.choose_kind(10, "annoy")
+
+
+@pytest.mark.parametrize("kind,params", [
+    ("ivf", {"nlist": 64, "nprobe": 16}),
+    ("ivfpq", {"nlist": 64, "nprobe": 16, "rerank": 10}),
+    ("hnsw", {}),
+])
+def test_recall_at_10_approximate_vs_exact(kind, params):
+    x = clustered(20_000, 64, seed=1)
+    q = clustered(200, 64, seed=2)
+    exact, _ = knn_index.build(x, "flat")
+    _, gt = knn_index.search(exact, {"kind": "flat"}, q, 10)
+    threads = knn_index.faiss.omp_get_max_threads()
+    knn_index.faiss.omp_set_num_threads(1)  # parallel HNSW insertion is not deterministic
+    try:
+        index, info = knn_index.build(x, kind, params)
+    finally:
+        knn_index.faiss.omp_set_num_threads(threads)
+    assert info["kind"] == kind
+    _, ids = knn_index.search(index, info, q, 10, vectors=x)
+    r = recall_at(ids, gt)
+    assert r >= 0.95, f"{kind} recall@10 {r:.3f}"
+
+
+# ----------------------------------------------------------------------------- embedders
+
+def test_open_clip_loads_from_safetensors_and_matches_the_model(weights, embedder):
+    model = knn_embed.random_open_clip(TINY, seed=0)
+    img = torch.rand(1, 32, 32, 3)
+    mean, std = torch.tensor(knn_embed.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(knn_embed.OPENAI_STD).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        ref = model.encode_image((img.movedim(-1, 1) - mean) / std).numpy()
+    np.testing.assert_allclose(embedder.embed_images([img]), ref, rtol=1e-4, atol=1e-5)
+    assert embedder.embed_texts(["a red circle", "a blue square"]).shape == (2, 32)
+    assert knn.load_open_clip(weights).name == embedder.name  # stable id across loads
+    assert embedder.name.startswith("open_clip:tiny:")
+
+
+def test_open_clip_refuses_pickle_and_wrong_architecture(tmp_path, weights):
+    fake = tmp_path / "model.safetensors"
+    torch.save({"w": torch.zeros(2)}, fake)  # a zip pickle with a safetensors name
+    with pytest.raises(KNNError, match="pickle"):
+        knn.load_open_clip(fake)
+    with pytest.raises(KNNError, match="does not match"):
+        knn.load_open_clip(weights, config=TINY_48)
+    with pytest.raises(KNNError, match="Unknown open_clip architecture"):
+        knn.load_open_clip(weights, arch="no-such-arch")
+    bare = tmp_path / "bare.safetensors"
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(bare))
+    with pytest.raises(KNNError, match="Cannot tell the open_clip architecture"):
+        knn.load_open_clip(bare)
+
+
+def test_callable_embedder_adapter_builds_and_has_no_text(tmp_path):
+    model = knn_embed.random_open_clip(TINY, seed=3)
+
+    def image_fn(batch):  # what the node layer does with ComfyUI's ClipVisionModel.encode_image
+        with torch.inference_mode():
+            return model.encode_image(batch.movedim(-1, 1))
+
+    emb = knn.CallableEmbedder("comfy_clip_vision:test", 32, 32, image_fn)
+    make_images(tmp_path / "imgs", 5, seed=0)
+    knn.build_index(tmp_path / "imgs", tmp_path / "idx", emb)
+    index = knn.KNNIndex(tmp_path / "idx")
+    assert len(index.query_image(emb, torch.rand(1, 50, 40, 3), k=3)) == 3
+    with pytest.raises(KNNError, match="no text tower"):
+        index.query_text(emb, "anything", k=3)
+
+
+# ----------------------------------------------------------------------------- build / reload
+
+def test_build_reload_round_trip(tmp_path, embedder):
+    paths = make_images(tmp_path / "imgs", 12, seed=0)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    report = knn.build_index(tmp_path / "imgs", tmp_path / "idx", embedder, batch_size=5)
+    assert (report.indexed, report.embedded, report.kind) == (12, 12, "flat")
+
+    manifest = json.loads((tmp_path / "idx" / "atelier_knn.json").read_text())
+    assert manifest["embedder"]["name"] == embedder.name and manifest["dim"] == 32
+    assert manifest["normalisation"] == "l2" and manifest["count"] == 12
+    index = knn.KNNIndex(tmp_path / "idx")
+    rels = sorted(p.relative_to(tmp_path / "imgs").as_posix() for p in paths)
+    assert [f["path"] for f in index.files] == rels
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 and f["mtime_ns"] > 0 for f in index.files)
+
+    for mmap in (False, True):
+        index = knn.KNNIndex(tmp_path / "idx", mmap=mmap)
+        probe = tmp_path / "imgs" / index.files[4]["path"]
+        hits = index.query_image(embedder, Image.open(probe), k=5)
+        assert hits.paths[0] == index.files[4]["path"] and hits.scores[0] == pytest.approx(1.0, abs=1e-4)
+        assert list(hits.scores) == sorted(hits.scores, reverse=True)
+        # raw embeddings come back as the model made them (unnormalised)
+        np.testing.assert_allclose(hits.embeddings[0], embedder.embed_images([Image.open(probe)])[0], rtol=1e-4, atol=1e-5)
+        assert hits.files()[0] == probe.resolve()
+    text_hits = index.query_text(embedder, "a red circle", k=20)
+    assert len(text_hits) == 12 and text_hits.embeddings.shape == (12, 32)
+
+
+def test_incremental_rebuild_embeds_only_new_and_changed_files(tmp_path, embedder):
+    folder = tmp_path / "imgs"
+    paths = make_images(folder, 10, seed=0)
+    first = Counting(embedder)
+    knn.build_index(folder, tmp_path / "idx", first, batch_size=4)
+    assert first.count == 10
+
+    make_images(folder, 3, seed=9, start=100)                   # 3 new
+    paths[0].unlink(), paths[1].unlink()                         # 2 removed
+    st = paths[2].stat()
+    os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))  # touched, same bytes
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(paths[3])        # content changed
+
+    again = Counting(embedder)
+    report = knn.build_index(folder, tmp_path / "idx", again, batch_size=4)
+    assert again.count == 4, "only the 3 new files and the 1 changed file are embedded"
+    assert (report.reused, report.removed, report.indexed) == (1, 2, 11)
+    index = knn.KNNIndex(tmp_path / "idx")
+    assert len({f["path"] for f in index.files}) == len(index) == 11
+
+    idle = Counting(embedder)
+    report = knn.build_index(folder, tmp_path / "idx", idle)
+    assert idle.count == 0 and not report.changed
+
+
+@pytest.mark.parametrize("crash_in", ["embedder", "progress"])
+def test_crash_mid_build_resumes_without_duplicates_or_loss(tmp_path, embedder, crash_in):
+    folder = tmp_path / "imgs"
+    make_images(folder, 14, seed=4)
+    if crash_in == "embedder":
+        crashing, progress = Counting(embedder, fail_after=8), None
+    else:
+        crashing = Counting(embedder)
+
+        def progress(done, total):
+            if done >= 8:
+                raise RuntimeError("simulated crash in the progress callback")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        knn.build_index(folder, tmp_path / "idx", crashing, batch_size=4, progress=progress)
+    assert not (tmp_path / "idx" / "atelier_knn.json").exists()
+    assert not (tmp_path / "idx" / ".build.lock").exists()
+    # debris a hard kill could leave: an orphan shard and a torn last log line
+    journal = next((tmp_path / "idx").glob("journal-*"))
+    (journal / "deadbeef.npy").write_bytes(b"partial")
+    with open(journal / "log.jsonl", "ab") as f:
+        f.write(b'{"entries": [{"path": "a/img000.png"')
+
+    resumed = Counting(embedder)
+    report = knn.build_index(folder, tmp_path / "idx", resumed, batch_size=4)
+    assert resumed.count == 14 - 8, "the 8 journalled images are not embedded again"
+    index = knn.KNNIndex(tmp_path / "idx")
+    paths = [f["path"] for f in index.files]
+    assert len(paths) == len(set(paths)) == report.indexed == 14
+    assert not (journal / "deadbeef.npy").exists()
+
+    clean = tmp_path / "clean"
+    knn.build_index(folder, clean, embedder)
+    ref = knn.KNNIndex(clean)
+    assert [f["path"] for f in ref.files] == paths
+    np.testing.assert_allclose(np.asarray(index.vectors), np.asarray(ref.vectors), rtol=1e-5, atol=1e-6)
+
+
+def test_cancel_keeps_work_and_resumes(tmp_path, embedder):
+    folder = tmp_path / "imgs"
+    make_images(folder, 9, seed=5)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2  # cancel before the third batch
+
+    first = Counting(embedder)
+    with pytest.raises(knn.KNNCancelled, match="resumes"):
+        knn.build_index(folder, tmp_path / "idx", first, batch_size=3, cancel=cancel)
+    assert first.count == 6
+    second = Counting(embedder)
+    assert knn.build_index(folder, tmp_path / "idx", second, batch_size=3).indexed == 9
+    assert second.count == 3
+
+
+def test_corrupt_images_are_skipped_and_reported(tmp_path, embedder):
+    folder = tmp_path / "imgs"
+    make_images(folder, 4, seed=6)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    good = Image.new("RGB", (32, 32), (9, 9, 9))
+    good.save(folder / "cut.png")
+    (folder / "cut.png").write_bytes((folder / "cut.png").read_bytes()[:40])
+    report = knn.build_index(folder, tmp_path / "idx", embedder)
+    assert report.indexed == 4
+    assert {p for p, _ in report.skipped} == {"broken.jpg", "cut.png"}
+    manifest = json.loads((tmp_path / "idx" / "atelier_knn.json").read_text())
+    assert {b["path"] for b in manifest["skipped_files"]} == {"broken.jpg", "cut.png"}
+    again = knn.build_index(folder, tmp_path / "idx", Counting(embedder))
+    assert not again.changed and len(again.skipped) == 2
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_clear_errors(tmp_path, embedder, weights):
+    with pytest.raises(KNNError, match="Image folder not found"):
+        knn.build_index(tmp_path / "missing", tmp_path / "idx", embedder)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    with pytest.raises(KNNError, match="No images"):
+        knn.build_index(tmp_path / "empty", tmp_path / "idx", embedder)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_bytes(b"nope")
+    with pytest.raises(KNNError, match="None of the 1 image files"):
+        knn.build_index(tmp_path / "junk", tmp_path / "idx", embedder)
+    with pytest.raises(KNNError, match="No kNN index"):
+        knn.KNNIndex(tmp_path / "nothing")
+    with pytest.raises(KNNError, match="leaves its folder"):
+        knn.safe_join(tmp_path, "../etc/passwd")
+    with pytest.raises(KNNError, match="relative path"):
+        knn.safe_join(tmp_path, "/etc/passwd")
+
+
+def test_mismatched_embedder_dimension(tmp_path, embedder):
+    make_images(tmp_path / "imgs", 4, seed=7)
+    knn.build_index(tmp_path / "imgs", tmp_path / "idx", embedder)
+    other = knn_embed.save_open_clip(knn_embed.random_open_clip(TINY_48, seed=1), TINY_48, tmp_path / "w48.safetensors")
+    wide = knn.load_open_clip(other)
+    index = knn.KNNIndex(tmp_path / "idx")
+    with pytest.raises(KNNError, match="Dimension mismatch.*32-d.*48-d"):
+        index.query_text(wide, "a cat", k=2)
+    with pytest.raises(KNNError, match="Dimension mismatch"):
+        knn.build_index(tmp_path / "imgs", tmp_path / "idx", wide)
+    with pytest.raises(KNNError, match="Dimension mismatch"):
+        index.search(np.ones(48, np.float32), k=2)
+    same_dim = knn.load_open_clip(knn_embed.save_open_clip(knn_embed.random_open_clip(TINY, seed=2), TINY,
+                                                           tmp_path / "other32.safetensors"))
+    with pytest.raises(KNNError, match="meaningless"):
+        index.query_text(same_dim, "a cat", k=2)
+    assert len(index.query_text(same_dim, "a cat", k=2, strict=False)) == 2
+
+
+def test_concurrent_build_is_refused(tmp_path, embedder):
+    make_images(tmp_path / "imgs", 2, seed=8)
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / ".build.lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+    with pytest.raises(KNNError, match="being built by another process"):
+        knn.build_index(tmp_path / "imgs", tmp_path / "idx", embedder)
+
+
+# ----------------------------------------------------------------------------- databases
+
+def test_two_databases_give_different_neighbours(tmp_path, embedder):
+    make_images(tmp_path / "warm", 8, seed=10, shape="ellipse", hue=(220, 40, 30))
+    make_images(tmp_path / "cool", 8, seed=11, shape="rectangle", hue=(20, 60, 230))
+    for name in ("warm", "cool"):
+        knn.build_index(tmp_path / name, tmp_path / "indexes" / name, embedder)
+    warm, cool = (knn.KNNIndex(tmp_path / "indexes" / n) for n in ("warm", "cool"))
+    a, b = warm.query_text(embedder, "a red circle", k=4), cool.query_text(embedder, "a red circle", k=4)
+    assert {str(p) for p in a.files()}.isdisjoint({str(p) for p in b.files()})
+    assert not np.allclose(a.embeddings, b.embeddings)
+    probe = Image.open(tmp_path / "warm" / warm.files[0]["path"])
+    assert warm.query_image(embedder, probe, k=1).scores[0] > cool.query_image(embedder, probe, k=1).scores[0]
+
+
+def test_combine_neighbours_for_unclip():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((4, 16)).astype(np.float32) * 3
+    hits = knn.Neighbours(ids=np.arange(4), scores=np.array([0.9, 0.8, 0.5, 0.1], np.float32), paths=list("abcd"),
+                          embeddings=emb, query=rng.standard_normal(16).astype(np.float32), root="/")
+    np.testing.assert_allclose(knn.neighbour_weights(hits.scores, 0.0), 0.25)
+    w = knn.neighbour_weights(hits.scores, 0.05)
+    assert w.sum() == pytest.approx(1.0) and list(w) == sorted(w, reverse=True)
+    vec, weights = knn.combine_neighbours(hits, temperature=0.05, query_weight=0.2)
+    assert len(weights) == 5 and weights.sum() == pytest.approx(1.0) and weights[-1] == pytest.approx(0.2)
+    parts = np.vstack([emb, hits.query])
+    assert np.linalg.norm(vec) == pytest.approx(float(weights @ np.linalg.norm(parts, axis=1)), rel=1e-4)
+    raw, _ = knn.combine_neighbours(hits, temperature=0.0, renormalise=False)
+    np.testing.assert_allclose(raw, emb.mean(0), rtol=1e-5)
+    with pytest.raises(KNNError):
+        knn.combine_neighbours(hits, query_weight=1.5)

@@ -1,0 +1,259 @@
+"""kNN retriever nodes in a real ComfyUI graph: build two databases from the input folder, retrieve by text,
+condition a tiny unCLIP model through the core KSampler, and swap the database.
+
+The tiny unCLIP model (SD2.1-unCLIP topology at 32 channels, reading 32-d image embeddings) is a test-only
+node built from ComfyUI's own classes with seeded weights; the embedder is a tiny open_clip saved as
+safetensors and loaded by the real loader node.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from atelier_testlib import load_tool
+from PIL import Image, ImageDraw
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TEST_NODE = "KNNTestTinyUnCLIP"
+# SD2.1-unCLIP topology at 32 channels: reads 32-d image embeddings (ADM = embedding + noise-level embedding)
+UNCLIP_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
+    "adm_in_channels": 64, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+    "transformer_depth": [1, 1], "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1],
+    "use_linear_in_transformer": True, "context_dim": 64,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+TINY_VISION = {  # a ComfyUI CLIP vision config at toy size, 32-d projection like the tiny unCLIP reads
+    "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32,
+    "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2,
+    "patch_size": 8, "projection_dim": 32, "torch_dtype": "float32",
+}
+VISION_NODE = "KNNTestTinyCLIPVision"
+UNCLIP_EXTRA = {"num_heads": -1, "num_head_channels": 16}
+UNCLIP_NOISE_AUG = {"noise_schedule_config": {"timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"},
+                    "timestep_dim": 32}
+
+
+def _tiny_unclip_node(pack):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    seeded_init_ = importlib.import_module(pack.__name__ + ".models.seeded_init").seeded_init_
+
+    class TinyUnCLIP(comfy.supported_models.SD21UnclipL):
+        unet_config = UNCLIP_UNET
+        unet_extra_config = UNCLIP_EXTRA
+        noise_aug_config = UNCLIP_NOISE_AUG
+
+    class Node:
+        CATEGORY = "testing"
+        RETURN_TYPES = ("MODEL",)
+        FUNCTION = "build"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"seed": ("INT", {"default": 0})}}
+
+        def build(self, seed):
+            cfg = TinyUnCLIP(TinyUnCLIP.unet_config)
+            cfg.set_inference_dtype(torch.float32, None)
+            model = cfg.get_model({})
+            seeded_init_(model.diffusion_model, seed)
+            _norms_to_one(model.diffusion_model)
+            return (comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                                     offload_device=mm.unet_offload_device()),)
+
+    return Node
+
+
+def _norms_to_one(module):
+    with torch.no_grad():  # seeded_init_ leaves GroupNorms named 'in_layers.0' etc. at scale 0
+        for mod in module.modules():
+            if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and mod.weight is not None:
+                mod.weight.fill_(1.0)
+
+
+def _tiny_vision_node(pack, config_path):
+    import comfy.clip_vision
+
+    seeded_init_ = importlib.import_module(pack.__name__ + ".models.seeded_init").seeded_init_
+
+    class Node:
+        CATEGORY = "testing"
+        RETURN_TYPES = ("CLIP_VISION",)
+        FUNCTION = "build"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"seed": ("INT", {"default": 0})}}
+
+        def build(self, seed):
+            cv = comfy.clip_vision.ClipVisionModel(str(config_path))
+            seeded_init_(cv.model, seed)
+            _norms_to_one(cv.model)
+            return (cv,)
+
+    return Node
+
+
+def _images(folder, n, seed, shape, hue):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = Image.new("RGB", (48, 40), hue)
+        x0, y0 = int(rng.integers(0, 20)), int(rng.integers(0, 16))
+        fg = tuple(int(c) for c in rng.integers(0, 256, 3))
+        getattr(ImageDraw.Draw(img), shape)([x0, y0, x0 + 24, y0 + 20], fill=fg)
+        img.save(folder / f"{i:02d}.png")
+
+
+@pytest.fixture(scope="module")
+def knn_env(comfy, pack, tmp_path_factory):
+    knn_nodes = importlib.import_module(pack.__name__ + ".nodes.knn")
+    knn_embed = importlib.import_module(pack.__name__ + ".models.knn_embed")
+    for cls in knn_nodes.NODES:  # until nodes/__init__.py lists the feature, register it like ComfyUI does
+        node_id = cls.GET_SCHEMA().node_id
+        if node_id not in comfy.node_classes:
+            cls.RELATIVE_PYTHON_MODULE = knn_nodes.__name__
+            comfy.node_classes[node_id] = cls
+    root = tmp_path_factory.mktemp("knn_nodes")
+    (root / "tiny_vision.json").write_text(json.dumps(TINY_VISION))
+    comfy.node_classes.setdefault(TEST_NODE, _tiny_unclip_node(pack))
+    comfy.node_classes.setdefault(VISION_NODE, _tiny_vision_node(pack, root / "tiny_vision.json"))
+
+    fp = comfy.folder_paths
+    (root / "open_clip").mkdir()
+    knn_embed.save_open_clip(knn_embed.random_open_clip(TINY_CLIP, seed=0), TINY_CLIP,
+                             root / "open_clip" / "tiny_knn.safetensors", arch="tiny")
+    fp.add_model_folder_path(knn_nodes.FOLDER_OPEN_CLIP, str(root / "open_clip"), is_default=True)
+    fp.add_model_folder_path(knn_nodes.FOLDER_INDEX, str(root / "indexes"), is_default=True)
+    input_dir = Path(fp.get_input_directory())  # images live where a user's would
+    _images(input_dir / "knn_warm", 6, 1, "ellipse", (220, 40, 30))
+    _images(input_dir / "knn_cool", 6, 2, "rectangle", (20, 60, 230))
+    return knn_nodes
+
+
+def _build(name, folder):
+    return {
+        "10": {"class_type": "AtelierKNNOpenCLIPLoader", "inputs": {"clip_name": "tiny_knn.safetensors",
+                                                                    "architecture": "from file"}},
+        "11": {"class_type": "AtelierKNNBuildIndex", "inputs": {
+            "embedder": ["10", 0], "folder": folder, "index_name": name, "index_type": "auto",
+            "rebuild": False, "batch_size": 4}},
+    }
+
+
+def _generate(database, strength=1.0, model_node="20", text="a red circle"):
+    return {
+        "1": {"class_type": "AtelierTinyCheckpointLoader", "inputs": {"family": "sd15", "seed": 0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "AtelierKNNOpenCLIPLoader", "inputs": {"clip_name": "tiny_knn.safetensors",
+                                                                    "architecture": "from file"}},
+        "11": {"class_type": "AtelierKNNIndexLoader", "inputs": {"database": database, "memory_map": "auto"}},
+        "12": {"class_type": "AtelierKNNRetrieve", "inputs": {
+            "index": ["11", 0], "embedder": ["10", 0], "text": text, "k": 3, "combine": "weighted mean",
+            "temperature": 0.05, "image_size": 64}},
+        "13": {"class_type": "AtelierKNNConditioning", "inputs": {
+            "conditioning": ["2", 0], "neighbours": ["12", 2], "strength": strength, "temperature": 0.05,
+            "query_weight": 0.0, "mode": "weighted mean", "noise_augmentation": 0.0, "model": [model_node, 0]}},
+        "20": {"class_type": TEST_NODE, "inputs": {"seed": 0}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["20", 0], "positive": ["13", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": 1, "steps": 3, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+
+
+def test_build_retrieve_condition_and_swap_database(knn_env, run_graph):
+    for name, folder in (("warm", "knn_warm"), ("cool", "knn_cool")):
+        r = run_graph(_build(name, folder), want=["11"])
+        index, report = r["values"]["11"]
+        assert len(index) == 6 and "6 images indexed" in report
+    assert {"warm", "cool"} <= set(knn_env.index_names())
+
+    warm = run_graph(_generate("warm"), want=["6", "12", "13"])
+    images, vision, hits, report, _scores = warm["values"]["12"]
+    assert images.shape == (3, 64, 64, 3) and vision.image_embeds.shape == (1, 32)
+    assert all(p.endswith(".png") for p in hits.paths) and report.count("\n") == 2
+    cond = warm["values"]["13"][0]
+    assert len(cond[0][1]["unclip_conditioning"]) == 1
+
+    cool = run_graph(_generate("cool"), want=["6", "12"])
+    assert set(hits.paths) != set(cool["values"]["12"][2].paths) or hits.root != cool["values"]["12"][2].root
+    warm_img, cool_img = warm["values"]["6"][0], cool["values"]["6"][0]
+    assert torch.isfinite(warm_img).all()
+    assert (warm_img - cool_img).abs().max() > 1e-4, "swapping the database must change the picture"
+
+    again = run_graph(_generate("warm"), want=["6"])
+    assert torch.equal(again["values"]["6"][0], warm_img)
+    off = run_graph(_generate("warm", strength=0.0), want=["6"])
+    assert (off["values"]["6"][0] - warm_img).abs().max() > 1e-4
+
+
+def test_conditioning_refuses_a_model_without_unclip_input(knn_env, run_graph):
+    headless = load_tool("headless")
+    prompt = _generate("warm", model_node="1")
+    with pytest.raises(headless.WorkflowError, match="takes no CLIP image embedding"):
+        run_graph(prompt)
+
+
+def test_widget_paths_stay_in_their_folders(knn_env, run_graph):
+    headless = load_tool("headless")
+    with pytest.raises(headless.WorkflowError, match="outside the folders"):
+        run_graph(_build("escape", "../../etc"))
+    with pytest.raises(headless.WorkflowError, match="no slashes"):
+        run_graph(_build("../escape", "knn_warm"))
+    with pytest.raises(headless.WorkflowError, match="No index named"):
+        run_graph(_generate("does-not-exist"))
+
+
+def test_clip_vision_index_image_query_feeds_core_unclip(knn_env, run_graph):
+    """A ComfyUI CLIP_VISION model as the embedder; its re-encoded CLIP_VISION_OUTPUT into core unCLIPConditioning."""
+    prompt = {
+        "30": {"class_type": VISION_NODE, "inputs": {"seed": 0}},
+        "31": {"class_type": "AtelierKNNCLIPVisionEmbedder", "inputs": {"clip_vision": ["30", 0]}},
+        "32": {"class_type": "AtelierKNNBuildIndex", "inputs": {
+            "embedder": ["31", 0], "folder": "knn_warm", "index_name": "warm_cv", "index_type": "flat",
+            "rebuild": False, "batch_size": 4}},
+        "33": {"class_type": "LoadImage", "inputs": {"image": "knn_warm/02.png"}},
+        "34": {"class_type": "AtelierKNNRetrieve", "inputs": {
+            "index": ["32", 0], "embedder": ["31", 0], "text": "", "k": 2, "combine": "weighted mean",
+            "temperature": 0.05, "image_size": 64, "image": ["33", 0]}},
+        "1": {"class_type": "AtelierTinyCheckpointLoader", "inputs": {"family": "sd15", "seed": 0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "35": {"class_type": "unCLIPConditioning", "inputs": {
+            "conditioning": ["2", 0], "clip_vision_output": ["34", 1], "strength": 1.0, "noise_augmentation": 0.0}},
+        "20": {"class_type": TEST_NODE, "inputs": {"seed": 0}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["20", 0], "positive": ["35", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": 1, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+    r = run_graph(prompt, want=["34", "6"])
+    _images_out, vision, hits, _report, _scores = r["values"]["34"]
+    assert hits.paths[0] == "02.png" and hits.scores[0] == pytest.approx(1.0, abs=1e-3)
+    assert vision.image_embeds.shape == (1, 32) and vision.last_hidden_state.shape[0] == 1  # re-encoded, pooled
+    assert torch.isfinite(r["values"]["6"][0]).all()
+
+    headless = load_tool("headless")
+    prompt["34"]["inputs"].pop("image")
+    prompt["34"]["inputs"]["text"] = "a red circle"
+    with pytest.raises(headless.WorkflowError, match="no text tower"):
+        run_graph(prompt)

@@ -1,0 +1,101 @@
+"""Build (or update) an Atelier kNN index from a folder of images, outside ComfyUI.
+
+    python tools/build_index.py ~/Pictures/moodboard --name moodboard \\
+        --clip-weights ~/models/open_clip_ViT-H-14.safetensors --clip-arch ViT-H-14
+    python tools/build_index.py ~/Pictures/moodboard --index /data/knn/moodboard --clip-weights W --query "a red bicycle"
+
+`--name` writes to <ComfyUI>/models/atelier/knn_index/<name> (ComfyUI found like the other tools do);
+`--index` takes any folder. Incremental and resumable: run it again after adding images, after Ctrl-C or a
+crash; only what is missing is embedded. Exit status: 0 ok, 2 a problem to fix (message printed), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.machinery
+import importlib.util
+import logging
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PKG = "atelier_models"
+
+
+def load_knn():
+    """models/knn.py as part of a package loaded by file path: the repo root never goes on sys.path
+    (its nodes/ package would shadow ComfyUI's nodes module)."""
+    if PKG not in sys.modules:
+        init = REPO / "models" / "__init__.py"
+        if init.is_file():
+            spec = importlib.util.spec_from_file_location(PKG, init, submodule_search_locations=[str(REPO / "models")])
+        else:
+            spec = importlib.machinery.ModuleSpec(PKG, None, is_package=True)
+            spec.submodule_search_locations = [str(REPO / "models")]
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules[PKG] = pkg
+        if spec.loader is not None:
+            spec.loader.exec_module(pkg)
+    return importlib.import_module(f"{PKG}.knn")
+
+
+def comfy_index_dir(name: str) -> Path:
+    import comfy_env  # tools/ is this script's directory, so it is importable
+
+    comfy = comfy_env.find_comfyui(install=False, verbose=False)
+    return Path(comfy) / "models" / "atelier" / "knn_index" / name
+
+
+def _progress(start: float):
+    def report(done: int, total: int) -> None:
+        rate = done / max(1e-9, time.perf_counter() - start)
+        print(f"\r  embedded {done}/{total}  ({rate:.1f} images/s)", end="" if done < total else "\n",
+              file=sys.stderr, flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folder", help="folder of images (searched recursively)")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--name", help="index name under <ComfyUI>/models/atelier/knn_index/")
+    where.add_argument("--index", help="index folder (any path)")
+    ap.add_argument("--clip-weights", required=True, help="open_clip checkpoint (.safetensors)")
+    ap.add_argument("--clip-arch", default=None, help="open_clip architecture, e.g. ViT-H-14 (default: from the file)")
+    ap.add_argument("--clip-config", default=None, help="open_clip config JSON, for custom architectures")
+    ap.add_argument("--kind", default="auto", help="index type: auto, flat, ivf, ivfpq, hnsw")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cpu", help="torch device for the embedder, e.g. cuda")
+    ap.add_argument("--rebuild", action="store_true", help="discard the index and embed everything again")
+    ap.add_argument("--query", default=None, help="after building, print the neighbours of this text")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+    knn = load_knn()
+    try:
+        index_dir = comfy_index_dir(knn.check_index_name(args.name)) if args.name else Path(args.index).expanduser()
+        embedder = knn.load_open_clip(args.clip_weights, arch=args.clip_arch, config=args.clip_config,
+                                      device=args.device)
+        print(f"embedder {embedder.name} ({embedder.dim}-d) -> {index_dir}", file=sys.stderr)
+        report = knn.build_index(args.folder, index_dir, embedder, kind=args.kind, batch_size=args.batch_size,
+                                 progress=_progress(time.perf_counter()), rebuild=args.rebuild)
+        print(report.summary())
+        if args.query:
+            hits = knn.KNNIndex(index_dir).query_text(embedder, args.query, args.k)
+            for rank, (score, path) in enumerate(zip(hits.scores, hits.paths), 1):
+                print(f"{rank:3d}. {score:.4f}  {path}")
+    except knn.KNNError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the images embedded so far are kept; run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
