@@ -28,6 +28,7 @@ def test_every_atelier_node_is_documented(comfy):
     for node_id in comfy.atelier_node_ids():
         cls = comfy.node_classes[node_id]
         schema = cls.GET_SCHEMA()
+        schema.validate()  # unique input/output ids: ComfyUI refuses the whole pack otherwise
         assert schema.category.startswith("atelier/"), node_id
         assert schema.description and len(schema.description) > 20, f"{node_id} has no description"
         assert schema.display_name, node_id
