@@ -1,0 +1,175 @@
+"""Sketch guidance cost: the core KSampler vs the paper's form (a backward through the UNet on every guided
+step, grad_every 1) vs the cheaper form (fresh gradient every 2nd guided step, direction reused), on the
+full-size SD1.5 UNet (random weights, built under inference mode like a loader's) at 256 px, fp32, cfg 8,
+window 0-50%. Wall time and peak RSS above the pre-run level (a sampling thread), plus the size of the
+per-run non-inference weight copies. Then adherence on the tiny SD1.5 model: the final latent's LEP loss
+against a sketch (lower is better) for unguided / paper / cheaper, over a few seeds, with an LEP trained
+here for a few dozen steps (random weights: a plumbing-level signal, not image quality).
+
+    python bench/bench_sketch.py [--steps 4] [--no-full] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import os
+import threading
+import time
+
+import harness
+from bench_ksampler import build_full_sd15, ksampler
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(fn):
+    """(seconds, peak RSS above the starting RSS in MiB) of fn()."""
+    gc.collect()
+    start, peak, stop = _rss_mb(), [0.0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.01)
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    out = fn()
+    dt = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    return out, dt, max(0.0, max(peak[0], _rss_mb()) - start)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-full", action="store_true")
+    ns = ap.parse_args()
+    quick = harness.quick()
+    h = harness.boot()
+    import torch
+    torch.set_num_threads(ns.threads)
+    pk = h.pack_module.__name__
+    sk = importlib.import_module(pk + ".nodes.sketch")
+    L = importlib.import_module(pk + ".models.lep")
+    tiny = importlib.import_module(pk + ".nodes.tiny_family")
+    world = importlib.import_module(pk + ".models.world")
+    import numpy as np
+    rows, extra = [], {"threads": ns.threads, "window": "0-50%", "cfg": 8.0}
+
+    sketch = torch.ones(1, 256, 256, 3)
+    sketch[:, 64:192, 60:66] = 0.0
+    sketch[:, 60:66, 64:192] = 0.0
+    if not ns.no_full:
+        steps = ns.steps or (2 if quick else 4)
+        with torch.inference_mode():
+            model = build_full_sd15(torch.float32)
+            _m, _c, vae = tiny.build_family("sd15", 0)    # the VAE only encodes the sketch (timing-neutral)
+            cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]
+            uncond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2)), {}]]
+            latent = {"samples": torch.zeros(1, 4, 32, 32)}
+            channels = 320 + 640 + 1280 + 3 * 1280 + 1280 + 1280 + 640
+        with torch.inference_mode(False):
+            lepm = sk.LEPModel(L.LatentEdgePredictor(channels).eval(), {"family": "sd15"})
+        reps = 1 if quick else 3
+        with torch.inference_mode():
+            ksampler(model, cond, uncond, latent, 1, cfg=8.0)          # warm-up / load
+            modes = {"core KSampler": None}
+            for every, label in ((1, "paper form (grad every guided step)"), (2, "cheaper form (grad_every 2)")):
+                modes[label] = sk.patch_model(model, lepm, vae, sketch, beta=1.6, start_percent=0.0,
+                                              end_percent=0.5, grad_every=every)
+            times = {k: [] for k in modes}
+            mems = {k: [] for k in modes}
+            copies = {}
+            # Interleaved repeats: the shared machine's load drifts, so each mode sees the same conditions.
+            for _ in range(reps):
+                for label, patched in modes.items():
+                    mdl = model if patched is None else patched[0]
+                    _, t, mem = measure(lambda: ksampler(mdl, cond, uncond, latent, steps, cfg=8.0))
+                    times[label].append(t)
+                    mems[label].append(mem)
+                    if patched is not None:
+                        copies[label] = patched[1].stats.get("weight_copies", 0)
+            med = {k: float(np.median(v)) for k, v in times.items()}
+            for label in modes:
+                row = {"case": label, "steps": steps, "seconds_median": med[label],
+                       "seconds_all": [round(x, 1) for x in times[label]], "peak_rss_mb": max(mems[label]),
+                       "ratio": med[label] / med["core KSampler"],
+                       "ratio_per_repeat": [round(a / b, 2) for a, b in zip(times[label], times["core KSampler"])]}
+                if label in copies:
+                    row["weight_tensors_copied"] = copies[label]
+                rows.append(row)
+            extra["weight_copy_mb"] = sum(p.numel() * p.element_size()
+                                          for p in model.model.diffusion_model.parameters()) / 2**20
+            del model
+            gc.collect()
+
+    # Adherence on the tiny model.
+    import folder_paths
+    from PIL import Image
+    import tempfile
+    tmp = tempfile.mkdtemp(prefix="bench_sketch_")
+    d = os.path.join(folder_paths.get_input_directory(), "bench_sketch_world")
+    os.makedirs(d, exist_ok=True)
+    for s in world.iter_samples(3, 0, 8, size=64):
+        Image.fromarray(s.image).save(os.path.join(d, f"w{s.index:03d}.png"))
+        with open(os.path.join(d, f"w{s.index:03d}.txt"), "w") as f:
+            f.write(s.caption)
+    saved = {k: folder_paths.folder_names_and_paths[k] for k in ("atelier_lep", "atelier_lep_resume")}
+    folder_paths.folder_names_and_paths["atelier_lep"] = ([os.path.join(tmp, "lep")], {".safetensors"})
+    folder_paths.folder_names_and_paths["atelier_lep_resume"] = ([os.path.join(tmp, "res")], {".safetensors"})
+    import nodes
+    try:
+        with torch.inference_mode():
+            model, clip, vae = tiny.build_family("sd15", 0)
+            lepm, rep = sk.train_lep(model, clip, vae, "bench_sketch_world", "bench", steps=30, batch_size=4,
+                                     learning_rate=1e-3, resolution=64, save_every=0)
+            ref = world.sample(3, 1000, 64)
+            sk_img = torch.from_numpy(np.where(ref.edges, 0.0, 1.0)).float()[None, ..., None].expand(1, 64, 64, 3)
+            target = sk.sketch_target(vae, model, sk_img)
+            pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle"))
+            neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+            base = model.model
+
+            def final_loss(lat):
+                x0 = base.latent_format.process_in(lat)
+                t = torch.tensor([200.0])
+                sigma = base.model_sampling.sigma(t)
+                z = base.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), torch.randn(
+                    x0.shape, generator=torch.Generator().manual_seed(9)), x0)
+                kw = sk.encode_text(base, clip, "a red circle", z)
+                with L.FeatureCapture(base.diffusion_model, "sd15") as cap:
+                    base.apply_model(z, sigma, **kw)
+                    f = L.concat_features(cap.take(), (8, 8))
+                return float(L.lep_loss(lepm.module(f, t), target).mean())
+
+            seeds = (1, 2, 3) if quick else (1, 2, 3, 4, 5, 6)
+            res = {"unguided": [], "paper": [], "cheaper": []}
+            for seed in seeds:
+                def run(mm_):
+                    return nodes.common_ksampler(mm_, seed, 8, 8.0, "euler", "normal", pos, neg,
+                                                 {"samples": torch.zeros(1, 4, 8, 8)})[0]["samples"]
+                res["unguided"].append(final_loss(run(model)))
+                for every, key in ((1, "paper"), (2, "cheaper")):
+                    m, _ = sk.patch_model(model, lepm, vae, sk_img, beta=1.6, grad_every=every)
+                    res[key].append(final_loss(run(m)))
+            for key, v in res.items():
+                rows.append({"case": f"tiny adherence: {key}", "steps": 8, "lep_loss_mean": float(np.mean(v)),
+                             "lep_loss_per_seed": [round(x, 4) for x in v],
+                             "wins_vs_unguided": int(sum(a < b for a, b in zip(v, res["unguided"])))})
+    finally:
+        folder_paths.folder_names_and_paths.update(saved)
+        import shutil
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    harness.report("sketch_guidance", rows, extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,734 @@
+"""Sketch guidance with a latent edge predictor (Voynov et al.): sketch input (image or the canvas
+widget of web/js/sketch_canvas.js), edge maps, LEP training and loading, and a MODEL patch that
+guides ComfyUI's own samplers. The maths is in ../models/lep.py.
+
+Folders (registered at import, extendable in extra_model_paths.yaml):
+  atelier_lep         models/atelier/lep/*.safetensors          trained predictors (with metadata)
+  atelier_lep_resume  models/atelier/lep_resume/*.safetensors   resumable training checkpoints
+
+Guidance (AtelierSketchGuidance) is two hooks on a clone of the MODEL:
+  * an APPLY_MODEL wrapper (keyed) that, on guided steps, runs the UNet forward with autograd on
+    (inference mode off, clones of x/sigma/conds, non-inference copies of the weights swapped in
+    with torch.func.functional_call, made once per sampling run), captures the 9 LEP layers with
+    forward hooks that live only for that call, evaluates the LEP on the cond rows and keeps
+    g = grad_{z_t} ||P(F(z_t)) - E(sketch)||^2. The forward it ran is the step's model output, so
+    the paper's form costs one backward per guided step, not an extra forward.
+  * a post-CFG function that moves the denoised prediction: D' = D - beta ||x - D|| g/||g||
+    (= the paper's alpha = beta ||z_t - z_{t-1}|| / ||grad L|| step for Euler-type samplers).
+  grad_every = k > 1 is the cheaper form: a fresh gradient on every k-th guided step, the last
+  direction reused (with the current step's size) in between.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import comfy.model_management as mm
+import comfy.patcher_extension
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..models import lep as L
+from .tiny_family import family_of
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "atelier/sketch"
+FOLDER_LEP = "atelier_lep"
+FOLDER_RESUME = "atelier_lep_resume"
+WRAPPER_KEY = "atelier_sketch_guidance"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+LEP = io.Custom("ATELIER_LEP")
+
+
+def _register_folders() -> None:
+    for name, sub in ((FOLDER_LEP, ("atelier", "lep")), (FOLDER_RESUME, ("atelier", "lep_resume"))):
+        paths, _ = folder_paths.folder_names_and_paths.get(name, ([], set()))
+        default = os.path.join(folder_paths.models_dir, *sub)
+        paths = [default] + [p for p in paths if p != default]
+        folder_paths.folder_names_and_paths[name] = (paths, {".safetensors"})
+
+
+_register_folders()
+
+
+class LEPModel:
+    """A loaded predictor: the module (eval mode) and its metadata."""
+
+    def __init__(self, module: L.LatentEdgePredictor, meta: dict):
+        self.module, self.meta = module, meta
+
+    @property
+    def family(self) -> str:
+        return self.meta.get("family", "")
+
+    def fresh_copy(self, device) -> L.LatentEdgePredictor:
+        """A copy whose weights are ordinary (not inference) tensors, so autograd can run through it."""
+        with torch.inference_mode(False):
+            m = L.LatentEdgePredictor(self.module.in_channels, self.module.hidden, L.OUT_CHANNELS, self.module.pe_dim)
+            m.load_state_dict({k: v.clone() for k, v in self.module.state_dict().items()})
+            return m.to(device).eval()
+
+
+def save_lep(module: L.LatentEdgePredictor, path: str, meta: dict) -> None:
+    from safetensors.torch import save_file
+    save_file(L.state_to_tensors(module), path, metadata={k: str(v) for k, v in meta.items()})
+
+
+def load_lep(path: str) -> LEPModel:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("atelier") != "lep":
+        raise L.LEPError(f"lep_name: {os.path.basename(path)} has no Atelier LEP metadata; train one with "
+                         "Atelier Train Latent Edge Predictor")
+    sd = load_file(path)
+    module = L.lep_from_tensors(sd, meta)
+    meta["layers"] = json.loads(meta.get("layers", "[]"))
+    return LEPModel(module, meta)
+
+
+def check_family(model, lep: LEPModel) -> str:
+    fam = family_of(model)
+    if fam is None:
+        raise L.LEPError("model: sketch guidance supports SD1.5 and SDXL UNets; this model has another latent format")
+    if lep.family != fam:
+        raise L.LEPError(f"lep: this predictor was trained on a {lep.family} model, the model here is {fam}; "
+                         f"load an LEP trained on {fam} (or train one with Atelier Train Latent Edge Predictor)")
+    return fam
+
+
+# ----------------------------------------------------------------------------- sketch nodes
+
+def _mask_out(mask: torch.Tensor) -> torch.Tensor:
+    return mask.float()
+
+
+class AtelierSketchCanvas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierSketchCanvas",
+            display_name="Atelier Sketch Canvas",
+            category=CATEGORY,
+            description="Draw a sketch inside the node (draw, erase, clear, brush size, undo, a background image "
+                        "as a guide). The strokes are stored in the workflow as JSON and drawn again here in "
+                        "Python at the canvas size; the output is black strokes on white.",
+            inputs=[
+                io.Int.Input("width", default=512, min=64, max=4096, step=8,
+                             tooltip="Canvas width in pixels; match the image you generate."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8,
+                             tooltip="Canvas height in pixels; match the image you generate."),
+                io.String.Input("sketch", default="", multiline=True,
+                                tooltip="The drawing as JSON (written by the canvas; edit only to paste a drawing)."),
+            ],
+            outputs=[io.Image.Output("image", tooltip="Black strokes on white, width x height."),
+                     io.Mask.Output("strokes", tooltip="1 where a stroke is.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width, height, sketch):
+        try:
+            L.parse_canvas(sketch)
+        except L.LEPError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, width: int, height: int, sketch: str) -> io.NodeOutput:
+        data = L.parse_canvas(sketch)
+        sx, sy = width / data["width"], height / data["height"]
+        strokes = [{**s, "points": s["points"] * np.array([sx, sy]), "size": s["size"] * math.sqrt(sx * sy)}
+                   for s in data["strokes"]]
+        mask = L.rasterize_strokes(width, height, strokes)
+        if not mask.any():
+            raise L.LEPError("sketch: the canvas is empty; draw some strokes (or use a sketch IMAGE instead)")
+        m = torch.from_numpy(mask)[None]
+        img = (1.0 - m.float())[..., None].expand(1, height, width, 3).contiguous()
+        return io.NodeOutput(img, _mask_out(m))
+
+
+class AtelierSketchPreprocess(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierSketchPreprocess",
+            display_name="Atelier Sketch Preprocess",
+            category=CATEGORY,
+            description="Turns a sketch image (black strokes on white or white on black, detected) into a clean "
+                        "edge map: thresholded, optionally thinned to one pixel or thickened. Output: white edges "
+                        "on black, the form the edge predictor was trained on.",
+            inputs=[
+                io.Image.Input("image", tooltip="A line drawing or scribble."),
+                io.Combo.Input("polarity", options=["auto", "black strokes", "white strokes"], default="auto",
+                               tooltip="auto: dark strokes on light paper if most of the image is bright."),
+                io.Float.Input("threshold", default=0.5, min=0.01, max=0.99, step=0.01,
+                               tooltip="How dark (or bright) a pixel must be to count as a stroke."),
+                io.Combo.Input("stroke", options=["keep", "thin", "thicken"], default="keep",
+                               tooltip="thin: one pixel wide (Zhang-Suen); thicken: widen by thicken_px."),
+                io.Int.Input("thicken_px", default=1, min=0, max=32, tooltip="Radius added by 'thicken'."),
+            ],
+            outputs=[io.Image.Output("edges", tooltip="White edges on black."),
+                     io.Mask.Output("mask", tooltip="1 on edges.")],
+        )
+
+    @classmethod
+    def execute(cls, image, polarity, threshold, stroke, thicken_px) -> io.NodeOutput:
+        mask = L.preprocess_sketch(image, polarity, threshold, stroke, thicken_px)
+        return io.NodeOutput(L.mask_to_edge_image(mask), _mask_out(mask))
+
+
+class AtelierImageToEdges(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierImageToEdges",
+            display_name="Atelier Image to Edges",
+            category=CATEGORY,
+            description="Edge map of an image (Canny on the colour gradient, or thresholded Sobel), white on "
+                        "black: a sketch from a photo, and the training targets of the edge predictor. For "
+                        "PiDiNet/HED use a preprocessor pack and feed its output to Sketch Preprocess.",
+            inputs=[
+                io.Image.Input("image", tooltip="Any image."),
+                io.Combo.Input("method", options=["canny", "sobel"], default="canny",
+                               tooltip="canny: thin edges with hysteresis; sobel: thresholded gradient magnitude."),
+                io.Float.Input("low", default=6.0, min=0.0, max=100.0, step=0.5,
+                               tooltip="canny: lower hysteresis threshold (Lab units per pixel)."),
+                io.Float.Input("high", default=10.0, min=0.0, max=200.0, step=0.5,
+                               tooltip="canny: upper threshold; sobel: high/50 is the fraction of the maximum."),
+            ],
+            outputs=[io.Image.Output("edges", tooltip="White edges on black."),
+                     io.Mask.Output("mask", tooltip="1 on edges.")],
+        )
+
+    @classmethod
+    def execute(cls, image, method, low, high) -> io.NodeOutput:
+        mask = edges_of(image, method, low, high)
+        return io.NodeOutput(L.mask_to_edge_image(mask), _mask_out(mask))
+
+
+def edges_of(image, method="canny", low=6.0, high=10.0) -> torch.Tensor:
+    if method == "canny":
+        return L.canny_edges(image, low=low, high=high)
+    if method == "sobel":
+        return L.sobel_edges(image, threshold=min(max(high / 50.0, 0.01), 0.99))
+    raise L.LEPError(f"method: {method!r}; choose canny or sobel")
+
+
+# ----------------------------------------------------------------------------- loader
+
+class AtelierLEPLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierLEPLoader",
+            display_name="Atelier Load Latent Edge Predictor",
+            category=CATEGORY,
+            description="Loads a latent edge predictor (.safetensors) from models/atelier/lep. Its metadata names "
+                        "the model family and layers it was trained on; Sketch Guidance refuses a mismatch.",
+            inputs=[io.Combo.Input("lep_name", options=folder_paths.get_filename_list(FOLDER_LEP),
+                                   tooltip="A file made by Atelier Train Latent Edge Predictor.")],
+            outputs=[LEP.Output("lep", tooltip="The predictor, for Sketch Guidance.")],
+        )
+
+    @classmethod
+    def execute(cls, lep_name: str) -> io.NodeOutput:
+        return io.NodeOutput(load_lep(folder_paths.get_full_path_or_raise(FOLDER_LEP, lep_name)))
+
+
+# ----------------------------------------------------------------------------- training
+
+def resolve_folder(text: str) -> Path:
+    """A training folder: relative to ComfyUI's input folder, or absolute inside it."""
+    text = (text or "").strip().strip('"')
+    input_dir = Path(os.path.abspath(folder_paths.get_input_directory()))
+    if not text:
+        raise L.LEPError("folder: type a folder of images (with captions), relative to ComfyUI's input folder")
+    p = Path(text)
+    p = Path(os.path.abspath(p if p.is_absolute() else input_dir / p))
+    if not (p == input_dir or input_dir in p.parents):
+        raise L.LEPError(f"folder: {text!r} is outside ComfyUI's input folder; put the images under {input_dir}")
+    if not p.is_dir():
+        raise L.LEPError(f"folder: {text!r} does not exist under ComfyUI's input folder ({input_dir}); create it "
+                         "and put images there (captions in <image>.txt, else the file name is the caption)")
+    return p
+
+
+def caption_for(path: Path) -> str:
+    side = path.with_suffix(".txt")
+    if side.is_file():
+        return side.read_text(encoding="utf-8", errors="replace").strip()
+    return re.sub(r"[_\-]+", " ", re.sub(r"\d+$", "", path.stem)).strip()
+
+
+def list_dataset(folder: Path) -> list[tuple[Path, str]]:
+    items = [(p, caption_for(p)) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
+    if not items:
+        raise L.LEPError(f"folder: no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}")
+    return items
+
+
+def load_square(path: Path, size: int) -> torch.Tensor:
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = min(w, h)
+        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        im = im.resize((size, size), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+
+
+def encode_text(base, clip, caption: str, x: torch.Tensor) -> dict:
+    """Model kwargs (c_crossattn, y for SDXL) for one caption, built by the model's own extra_conds."""
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+    c, extra = cond[0][0], dict(cond[0][1])
+    h, w = x.shape[-2] * 8, x.shape[-1] * 8
+    out = base.extra_conds(cross_attn=c, device=x.device, noise=x, width=w, height=h, target_width=w,
+                           target_height=h, **{k: v for k, v in extra.items() if k == "pooled_output"})
+    kw = {}
+    for k, v in out.items():
+        if k in ("c_crossattn", "y"):
+            kw[k] = v.cond
+    return kw
+
+
+def vae_encode(vae, base, images: torch.Tensor) -> torch.Tensor:
+    return base.latent_format.process_in(vae.encode(images[..., :3]).float())
+
+
+def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch_size: int = 16,
+              learning_rate: float = 1e-4, resolution: int = 512, edge_method: str = "canny", seed: int = 0,
+              resume: bool = True, save_every: int = 500, progress=None) -> tuple[LEPModel, dict]:
+    """Train an LEP for ``model``; returns the predictor and a report (losses, paths)."""
+    if not NAME_RE.match(name or ""):
+        raise L.LEPError(f"name: {name!r}; use letters, digits, '_', '-', '.' (it becomes <name>.safetensors)")
+    fam = family_of(model)
+    if fam not in L.LAYERS:
+        raise L.LEPError("model: LEP training supports SD1.5 and SDXL UNets")
+    items = list_dataset(resolve_folder(folder))
+    out_dir = folder_paths.get_folder_paths(FOLDER_LEP)[0]
+    resume_dir = folder_paths.get_folder_paths(FOLDER_RESUME)[0]
+    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(resume_dir, exist_ok=True)
+    final_path = os.path.join(out_dir, f"{name}.safetensors")
+    resume_path = os.path.join(resume_dir, f"{name}.safetensors")
+
+    if resolution <= 0:
+        resolution = native_resolution(model)
+    if resume and os.path.isfile(final_path):
+        done = _finished(final_path, fam, steps, resolution)
+        if done is not None:
+            log.info("[Atelier] LEP %s is already trained (%s); loading it", name, final_path)
+            return done, {"path": final_path, "losses": [], "final_loss": float(done.meta.get("final_loss", "nan")),
+                          "start": steps, "skipped": True}
+    mm.load_models_gpu([model])
+    base = model.model
+    dev = mm.get_torch_device()
+    gen = torch.Generator().manual_seed(seed)
+
+    # Precompute latents of images and edge maps (in chunks) and text conds (once per caption).
+    img_lat, edge_lat, conds = [], [], {}
+    chunk = 8
+    for c0 in range(0, len(items), chunk):
+        mm.throw_exception_if_processing_interrupted()
+        imgs = torch.cat([load_square(p, resolution)[None] for p, _ in items[c0:c0 + chunk]])
+        edges = L.mask_to_edge_image(edges_of(imgs, edge_method))
+        img_lat.append(vae_encode(vae, base, imgs).cpu())
+        edge_lat.append(vae_encode(vae, base, edges).cpu())
+    for _, cap in items:
+        if cap not in conds:
+            conds[cap] = encode_text(base, clip, cap, img_lat[0][:1].to(dev))
+    caps = [cap for _, cap in items]
+    x0_all, e_all = torch.cat(img_lat), torch.cat(edge_lat)
+    hw = tuple(x0_all.shape[-2:])
+
+    def features(idx: list[int], t: torch.Tensor):
+        x0 = x0_all[idx].to(dev)
+        sigma = base.model_sampling.sigma(t.to(dev).float())
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        z = base.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
+        kw = {k: torch.cat([conds[caps[i]][k].to(dev) for i in idx]) for k in conds[caps[idx[0]]]}
+        to = dict(model.model_options.get("transformer_options", {}))
+        with torch.no_grad(), L.FeatureCapture(base.diffusion_model, fam) as cap:
+            base.apply_model(z, sigma, transformer_options=to, **kw)
+            feats = L.concat_features(cap.take(), hw)
+        with torch.inference_mode(False):
+            return feats.clone()
+
+    with torch.inference_mode(False):
+        probe = features([0], torch.tensor([500]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            lep = L.LatentEdgePredictor(probe.shape[1]).to(dev)
+        opt = torch.optim.Adam(lep.parameters(), lr=learning_rate)
+    start, losses = 0, []
+    if resume and os.path.isfile(resume_path):
+        start, losses = _load_resume(resume_path, lep, opt, probe.shape[1], fam)
+        log.info("[Atelier] LEP %s: resuming at step %d", name, start)
+    meta = {"atelier": "lep", "family": fam, "layers": json.dumps(L.layer_names(fam)), "channels": probe.shape[1],
+            "pe_dim": L.PE_DIM, "hidden": json.dumps(list(L.HIDDEN)), "resolution": resolution,
+            "edge_method": edge_method, "images": len(items), "batch_size": batch_size, "learning_rate": learning_rate}
+    rng = random.Random(seed * 7919 + start)
+    n = len(items)
+    for step in range(start, steps):
+        mm.throw_exception_if_processing_interrupted()
+        idx = [rng.randrange(n) for _ in range(batch_size)]
+        t = torch.tensor([rng.randrange(1000) for _ in idx])
+        feats = features(idx, t)
+        with torch.inference_mode(False), torch.enable_grad():
+            lep.train()
+            pred = lep(feats, t.to(dev))
+            loss = L.lep_loss(pred, e_all[idx].to(dev)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        losses.append(float(loss))
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            _save_resume(resume_path, lep, opt, step + 1, losses, fam)
+        if progress is not None:
+            progress(step + 1, steps)
+    lep.eval()
+    final = float(np.mean(losses[-max(1, min(20, len(losses))):])) if losses else float("nan")
+    meta.update(steps=steps, final_loss=final)
+    save_lep(lep, final_path, meta)
+    if os.path.isfile(resume_path):
+        os.remove(resume_path)
+    with torch.inference_mode(False):
+        module = L.lep_from_tensors(L.state_to_tensors(lep), meta)
+    meta["layers"] = L.layer_names(fam)
+    return LEPModel(module, meta), {"path": final_path, "losses": losses, "final_loss": final, "start": start}
+
+
+def native_resolution(model) -> int:
+    """The model's training size: 512 SD1.5, 1024 SDXL; Atelier's tiny stand-ins 64/128."""
+    from . import tiny_family
+    cfg = model.model.model_config
+    for fam, spec in tiny_family.FAMILIES.items():
+        if isinstance(cfg, spec["config"]):
+            return spec["native_px"]
+    return 1024 if family_of(model) == "sdxl" else 512
+
+
+def _finished(path, fam, steps, resolution):
+    """The LEP at ``path`` if it is a finished run for this family, step count and size; else None."""
+    try:
+        done = load_lep(path)
+    except Exception:
+        return None
+    m = done.meta
+    if m.get("family") != fam or int(m.get("steps", -1)) < steps or int(m.get("resolution", -1)) != resolution:
+        return None
+    return done
+
+
+def _save_resume(path, lep, opt, step, losses, fam):
+    from safetensors.torch import save_file
+    t = {f"lep.{k}": v for k, v in L.state_to_tensors(lep).items()}
+    names = {id(p): n for n, p in lep.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    t[f"adam.{names[id(p)]}.{k}"] = st[k].detach().cpu().contiguous()
+            if "step" in st:
+                t[f"adam.{names[id(p)]}.step"] = torch.as_tensor(st["step"]).float().reshape(1).cpu()
+    t["losses"] = torch.tensor(losses, dtype=torch.float32)
+    save_file(t, path, metadata={"atelier": "lep_resume", "step": str(step), "family": fam,
+                                 "channels": str(lep.in_channels)})
+
+
+def _load_resume(path, lep, opt, channels, fam):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(path, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("family") != fam or int(meta.get("channels", -1)) != channels:
+        raise L.LEPError(f"resume: the checkpoint {os.path.basename(path)} was made for another model "
+                         f"({meta.get('family')}, {meta.get('channels')} channels); pick another name or set resume off")
+    t = load_file(path)
+    with torch.inference_mode(False):
+        lep.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("lep.")})
+        dev = next(lep.parameters()).device
+        for n, p in lep.named_parameters():
+            if f"adam.{n}.exp_avg" in t:
+                opt.state[p] = {"exp_avg": t[f"adam.{n}.exp_avg"].to(dev).clone(),
+                                "exp_avg_sq": t[f"adam.{n}.exp_avg_sq"].to(dev).clone(),
+                                "step": t[f"adam.{n}.step"].reshape(()).clone()}
+    return int(meta["step"]), t["losses"].tolist()
+
+
+class AtelierTrainLEP(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierTrainLEP",
+            display_name="Atelier Train Latent Edge Predictor",
+            category=CATEGORY,
+            description="Trains the paper's per-pixel edge predictor on a folder of images with captions "
+                        "(<image>.txt, else the file name): edge maps are computed, images noised at a random "
+                        "timestep, the UNet's 9 layer activations mapped to the VAE encoding of the edge map "
+                        "(Adam). Saves models/atelier/lep/<name>.safetensors with metadata; Cancel keeps a "
+                        "resumable checkpoint every save_every steps, and running again resumes.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the predictor will guide (SD1.5 or SDXL family)."),
+                io.Clip.Input("clip", tooltip="Its text encoder, for the captions."),
+                io.Vae.Input("vae", tooltip="Its VAE, to encode images and edge maps."),
+                io.String.Input("folder", default="lep_training",
+                                tooltip="Folder of images relative to ComfyUI's input folder ('.' = the input folder)."),
+                io.String.Input("name", default="my_lep", tooltip="File name of the predictor (no extension)."),
+                io.Int.Input("steps", default=3000, min=1, max=100000, tooltip="Training steps (paper: 3000)."),
+                io.Int.Input("batch_size", default=16, min=1, max=256, tooltip="Images per step (paper: 16)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-6, max=1e-1, step=1e-5,
+                               tooltip="Adam learning rate."),
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=64,
+                             tooltip="Training images are centre-cropped and resized to this square size; 0: the "
+                                     "model's native size (512 SD1.5, 1024 SDXL)."),
+                io.Combo.Input("edge_method", options=["canny", "sobel"], default="canny",
+                               tooltip="How the target edge maps are computed from the images."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of batches, timesteps and noise."),
+                io.Boolean.Input("resume", default=True,
+                                 tooltip="Continue from models/atelier/lep_resume/<name>.safetensors if present; "
+                                         "if <name> is already trained (same family, size, at least these steps) "
+                                         "load it instead of training again. Off: train from scratch."),
+                io.Int.Input("save_every", default=500, min=0, max=100000,
+                             tooltip="Steps between resumable checkpoints (0: none)."),
+            ],
+            outputs=[LEP.Output("lep", tooltip="The trained predictor."),
+                     io.String.Output("report", tooltip="Path, steps and loss.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, folder, name, steps, batch_size, learning_rate, resolution, edge_method,
+                seed, resume, save_every) -> io.NodeOutput:
+        pbar = comfy.utils.ProgressBar(steps)
+        lep, rep = train_lep(model, clip, vae, folder, name.strip(), steps, batch_size, learning_rate, resolution,
+                             edge_method, seed, resume, save_every, progress=lambda d, t: pbar.update_absolute(d, t))
+        losses = rep["losses"]
+        if rep.get("skipped"):
+            return io.NodeOutput(lep, f"already trained: {rep['path']} (final loss {rep['final_loss']:.4f}); "
+                                      "set resume off to train again")
+        text = (f"saved {rep['path']}\nfamily {lep.family}, {lep.meta['channels']} channels, steps {steps} "
+                f"(resumed at {rep['start']})\nloss first {losses[0] if losses else float('nan'):.4f} "
+                f"final {rep['final_loss']:.4f}")
+        return io.NodeOutput(lep, text)
+
+
+# ----------------------------------------------------------------------------- guidance
+
+class _SwapParams(torch.nn.Module):
+    """functional_call target: runs ``fn`` while the UNet's weights are replaced by copies."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+def _clone_tree(v):
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    if isinstance(v, list):
+        return [_clone_tree(x) for x in v]
+    if isinstance(v, tuple):
+        return tuple(_clone_tree(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _clone_tree(x) for k, x in v.items()}
+    return v
+
+
+class GuidanceState:
+    """Per patched MODEL: sketch target, settings and the per-run caches (weights, gradient)."""
+
+    def __init__(self, lep: LEPModel, target: torch.Tensor, beta: float, start: float, end: float, every: int,
+                 family: str):
+        self.lep, self.target, self.beta = lep, target, float(beta)
+        self.start, self.end, self.every, self.family = float(start), float(end), max(1, int(every)), family
+        self.reuse = "direction"
+        self.stats = {"fresh": 0, "reused": 0, "losses": []}
+        self.reset()
+
+    def reset(self):
+        self.params = None
+        self.lep_run = None
+        self.grad = None
+        self.grad_sigma = None
+        self.sigmas_seen: list[float] = []
+        self.window = None
+
+    def sigma_window(self, base):
+        if self.window is None:
+            ms = base.model_sampling
+            self.window = (float(ms.percent_to_sigma(self.start)), float(ms.percent_to_sigma(self.end)))
+        return self.window
+
+    def in_window(self, base, sigma: float) -> bool:
+        hi, lo = self.sigma_window(base)
+        return lo <= sigma <= hi
+
+    def weights(self, unet):
+        """Non-inference copies of the UNet's inference-tensor weights, made once per run."""
+        if self.params is None:
+            with torch.inference_mode(False):
+                self.params = {f"unet.{n}": t.clone() for n, t in
+                               list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_inference()}
+            self.stats["weight_copies"] = len(self.params)
+        return self.params
+
+
+def _target_for(state: GuidanceState, x: torch.Tensor) -> torch.Tensor:
+    t = state.target.to(x.device)
+    if tuple(t.shape[-2:]) != tuple(x.shape[-2:]):
+        t = torch.nn.functional.interpolate(t, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return t
+
+
+def make_apply_model_wrapper(state: GuidanceState):
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        base = executor.class_obj
+        sigma = float(t.reshape(-1)[0])
+        cou = transformer_options.get("cond_or_uncond", [0])
+        if not state.in_window(base, sigma) or 0 not in cou:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if sigma not in state.sigmas_seen:
+            state.sigmas_seen.append(sigma)
+        if state.sigmas_seen.index(sigma) % state.every != 0:
+            state.stats["reused"] += 1
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        n = x.shape[0] // len(cou)
+        rows = [j * n + r for j, c in enumerate(cou) if c == 0 for r in range(n)]
+        unet = base.diffusion_model
+        with torch.inference_mode(False), torch.enable_grad():
+            params = state.weights(unet)
+            if state.lep_run is None:
+                state.lep_run = state.lep.fresh_copy(x.device)
+            xg = x.detach().clone().requires_grad_(True)
+            args = (executor, xg, t.clone(), _clone_tree(c_concat), _clone_tree(c_crossattn), _clone_tree(control),
+                    transformer_options)
+            with L.FeatureCapture(unet, state.family) as cap:
+                out = torch.func.functional_call(_SwapParams(unet), params, args, _clone_tree(kwargs), strict=False)
+                feats = cap.take()
+            f = L.concat_features([ft[rows] for ft in feats], tuple(x.shape[-2:]))
+            ts = base.model_sampling.timestep(t.clone()).float()[rows]
+            pred = state.lep_run(f, ts)
+            loss = L.lep_loss(pred, _target_for(state, x))
+            grad = torch.autograd.grad(loss.sum(), xg)[0][rows]
+        state.grad = grad.detach()
+        state.grad_sigma = sigma
+        state.stats["fresh"] += 1
+        state.stats["losses"].append(float(loss.mean()))
+        return out.detach()
+    return wrapper
+
+
+def make_post_cfg(state: GuidanceState):
+    def post_cfg(args):
+        denoised = args["denoised"]
+        sigma = float(args["sigma"].reshape(-1)[0])
+        model = args["model"]
+        if state.grad is None or not state.in_window(model, sigma) or state.beta == 0:
+            return denoised
+        g = state.grad.to(denoised.device)
+        if g.shape[0] != denoised.shape[0]:
+            return denoised
+        beta = state.beta
+        if state.every > 1 and state.reuse == "skip":
+            if state.grad_sigma != sigma:
+                return denoised
+            beta = beta * state.every
+        return L.guidance_shift(args["input"], denoised, g, beta)
+    return post_cfg
+
+
+def make_outer_sample_wrapper(state: GuidanceState):
+    def wrapper(executor, *args, **kwargs):
+        state.reset()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            state.reset()  # frees the weight copies
+    return wrapper
+
+
+def sketch_target(vae, model, sketch: torch.Tensor) -> torch.Tensor:
+    """Sketch IMAGE → VAE latent of its edge map (white on black), in the model's latent space."""
+    mask = L.preprocess_sketch(sketch[:1])
+    if not bool(mask.any()):
+        raise L.LEPError("sketch: no strokes found (the image is blank at threshold 0.5); draw or connect a "
+                         "sketch with visible lines")
+    img = L.mask_to_edge_image(mask)
+    h, w = img.shape[1] // 8 * 8, img.shape[2] // 8 * 8
+    if h < 8 or w < 8:
+        raise L.LEPError("sketch: the image must be at least 8x8 pixels")
+    return vae_encode(vae, model.model, img[:, :h, :w]).cpu()
+
+
+def patch_model(model, lep: LEPModel, vae, sketch, beta=1.6, start_percent=0.0, end_percent=0.5, grad_every=1):
+    fam = check_family(model, lep)
+    if not start_percent <= end_percent:
+        raise L.LEPError("end_percent: must be at least start_percent")
+    target = sketch_target(vae, model, sketch)
+    with torch.inference_mode(False):
+        target = target.clone()
+    state = GuidanceState(lep, target, beta, start_percent, end_percent, grad_every, fam)
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, make_apply_model_wrapper(state))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, make_outer_sample_wrapper(state))
+    m.set_model_sampler_post_cfg_function(make_post_cfg(state))
+    return m, state
+
+
+class AtelierSketchGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierSketchGuidance",
+            display_name="Atelier Sketch Guidance",
+            category=CATEGORY,
+            description="Guides any ComfyUI sampler (KSampler, SamplerCustomAdvanced) towards the edges of a "
+                        "sketch with a latent edge predictor (Voynov et al.): on the guided steps the denoised "
+                        "prediction moves against the gradient of ||P(F(z_t)) - E(sketch)||^2 (cond branch). "
+                        "grad_every 1 is the paper's form (a backward pass through the UNet each guided step); "
+                        "2 or more reuses the last gradient direction in between, for less time.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to guide (SD1.5 or SDXL); the input is not modified."),
+                LEP.Input("lep", tooltip="A latent edge predictor trained on this model's family."),
+                io.Vae.Input("vae", tooltip="The model's VAE, to encode the sketch."),
+                io.Image.Input("sketch", tooltip="Black strokes on white or white on black (detected); best at the "
+                                                 "output size."),
+                io.Float.Input("beta", default=1.6, min=0.0, max=10.0, step=0.05,
+                               tooltip="Guidance strength (paper: 1.6). 0 leaves the sampler unchanged."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Start of guidance, as a fraction of the denoising (by sigma)."),
+                io.Float.Input("end_percent", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of guidance (paper: the first 50%)."),
+                io.Int.Input("grad_every", default=1, min=1, max=16,
+                             tooltip="Fresh gradient on every k-th guided step (1: the paper's form)."),
+            ],
+            outputs=[io.Model.Output("guided_model", display_name="model", tooltip="The guided model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, lep, vae, sketch, beta, start_percent, end_percent, grad_every) -> io.NodeOutput:
+        m, _ = patch_model(model, lep, vae, sketch, beta, start_percent, end_percent, grad_every)
+        return io.NodeOutput(m)
+
+
+NODES = [AtelierSketchCanvas, AtelierSketchPreprocess, AtelierImageToEdges, AtelierLEPLoader, AtelierTrainLEP,
+         AtelierSketchGuidance]
