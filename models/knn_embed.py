@@ -333,3 +333,13 @@ def save_open_clip(model: torch.nn.Module, model_cfg: dict, path: str | os.PathL
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(sd, str(path), metadata={"open_clip_config": json.dumps(cfg), "open_clip_arch": arch})
     return path
+
+
+def random_open_clip_embedder(model_cfg: dict, seed: int = 0, device: str | torch.device = "cpu") -> OpenClipEmbedder:
+    """An embedder over `random_open_clip` (both towers, real tokenizer): what the tiny demo loader returns.
+    Named by config and seed, so an index built with it is only queried with the same random model."""
+    model = random_open_clip(model_cfg, seed)
+    size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
+    cfg_hash = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:8]
+    return OpenClipEmbedder(model, _make_tokenizer(model_cfg), f"open_clip:random-{cfg_hash}:seed{int(seed)}",
+                            model_cfg["embed_dim"], size, device=device)

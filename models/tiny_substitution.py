@@ -4,6 +4,11 @@ Used by the headless runner's ``--tiny`` and by the server-side tiny mode (``ATE
 for demos and browser tests): every ``CheckpointLoaderSimple`` becomes an
 ``AtelierTinyCheckpointLoader`` with the same outputs (MODEL, CLIP, VAE), and empty latents are
 shrunk to the tiny models' native scale.
+
+kNN retriever (issue 8): ``unCLIPCheckpointLoader`` becomes ``AtelierTinyUnCLIPCheckpointLoader`` (MODEL,
+CLIP, VAE, CLIP_VISION; reads 32-d image embeddings), ``AtelierKNNOpenCLIPLoader`` becomes
+``AtelierKNNTinyOpenCLIPLoader`` (a random open_clip embedding into the same 32 dimensions), and index
+names get a ``_tiny`` suffix so a tiny run never touches (or trips over) an index built with real weights.
 """
 from __future__ import annotations
 
@@ -42,5 +47,25 @@ def substitute_tiny(prompt: dict) -> dict:
             node = {"class_type": "AtelierTinyCheckpointLoader",
                     "inputs": {"family": tiny_family_for(name), "seed": tiny_seed_for(name)},
                     "_meta": {"title": f"tiny stand-in for {name}"}}
+        elif node["class_type"] == "unCLIPCheckpointLoader":
+            name = str(node["inputs"].get("ckpt_name", ""))
+            node = {"class_type": "AtelierTinyUnCLIPCheckpointLoader", "inputs": {"seed": tiny_seed_for(name)},
+                    "_meta": {"title": f"tiny stand-in for {name}"}}
+        elif node["class_type"] == "AtelierKNNOpenCLIPLoader":
+            name = str(node["inputs"].get("clip_name", ""))
+            node = {"class_type": "AtelierKNNTinyOpenCLIPLoader", "inputs": {"seed": tiny_seed_for(name)},
+                    "_meta": {"title": f"tiny stand-in for {name}"}}
+        else:
+            for key in TINY_INDEX_NAMES.get(node["class_type"], ()):
+                value = node["inputs"].get(key)
+                if isinstance(value, str) and not value.endswith(TINY_INDEX_SUFFIX):
+                    node = {**node, "inputs": {**node["inputs"], key: value + TINY_INDEX_SUFFIX}}
         out[nid] = node
     return out
+
+
+# Names of things a workflow writes or reads under the models dir (kNN indexes, trained LEPs) that
+# tiny mode keeps apart from the user's real ones, so a demo never overwrites or loads them.
+TINY_INDEX_SUFFIX = "_tiny"
+TINY_INDEX_NAMES = {"AtelierKNNBuildIndex": ("index_name",), "AtelierKNNIndexLoader": ("database",),
+                    "AtelierTrainLEP": ("name",)}

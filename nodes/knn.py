@@ -28,9 +28,10 @@ import comfy.utils
 import folder_paths
 import numpy as np
 import torch
+from PIL import Image
 from comfy_api.latest import io, ui
 
-from ..models import knn
+from ..models import knn, knn_embed, knn_world, world
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,30 @@ class AtelierKNNOpenCLIPLoader(io.ComfyNode):
         return io.NodeOutput(knn.load_open_clip(path, arch=arch, device=comfy.model_management.text_encoder_device()))
 
 
+class AtelierKNNTinyOpenCLIPLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierKNNTinyOpenCLIPLoader",
+            display_name="Atelier kNN Tiny open_clip (test model)",
+            category=CATEGORY,
+            description="A toy open_clip model (both towers, real tokenizer) with seeded random weights, embedding "
+                        "into 32 dimensions like the tiny unCLIP model reads. Its neighbours are arbitrary: it "
+                        "exists to try the kNN workflows and run tests without downloading weights; tiny mode "
+                        "puts it in place of Atelier kNN open_clip Loader.",
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                                 tooltip="Seed of the random weights. An index built with one seed is queried "
+                                         "with the same seed.")],
+            outputs=[Embedder.Output("embedder", tooltip="Embedding model for the kNN nodes.")],
+        )
+
+    @classmethod
+    def execute(cls, seed: int) -> io.NodeOutput:
+        from .tiny_family import TINY_OPEN_CLIP
+        return io.NodeOutput(knn_embed.random_open_clip_embedder(
+            TINY_OPEN_CLIP, seed, device=comfy.model_management.text_encoder_device()))
+
+
 class AtelierKNNCLIPVisionEmbedder(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -182,6 +207,66 @@ class AtelierKNNCLIPVisionEmbedder(io.ComfyNode):
     @classmethod
     def execute(cls, clip_vision) -> io.NodeOutput:
         return io.NodeOutput(clip_vision_embedder(clip_vision))
+
+
+# ----------------------------------------------------------------------------- demo databases
+
+class AtelierWorldFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierWorldFolder",
+            display_name="Atelier World Image Folder",
+            category=CATEGORY,
+            description="Writes a folder of generated-world images (coloured shapes, with a caption .txt next to "
+                        "each) under ComfyUI's input folder, filtered by colour and shape: a database to index "
+                        "when you have no images at hand, or a reproducible test set. Same inputs, same files; "
+                        "running it again writes nothing new.",
+            inputs=[
+                io.String.Input("folder", default="atelier_world/warm_shapes",
+                                tooltip="Folder to fill, relative to ComfyUI's input folder. Only files named "
+                                        "world_*.png/.txt that this node wrote are ever replaced or removed."),
+                io.String.Input("colors", default="red, orange, yellow",
+                                tooltip="Comma-separated colours objects may have: " + ", ".join(world.COLORS)
+                                        + ". Empty: all."),
+                io.String.Input("shapes", default="",
+                                tooltip="Comma-separated shapes: " + ", ".join(world.SHAPES) + ". Empty: all."),
+                io.Int.Input("count", default=48, min=1, max=knn_world.MAX_COUNT, tooltip="Number of images."),
+                io.Int.Input("size", default=128, min=32, max=1024, step=8, tooltip="Side of the images in pixels."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the generated world."),
+            ],
+            outputs=[
+                io.String.Output("image_folder", display_name="folder",
+                                 tooltip="The folder (as typed), for Atelier kNN Build Index."),
+                io.Image.Output("preview", tooltip="The first 16 images."),
+                io.String.Output("captions", tooltip="One caption per image, one per line."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str = "", **kwargs):
+        try:  # run again when files were deleted or changed by hand
+            return (folder, tuple(sorted(kwargs.items())),
+                    hashlib.sha256(repr(knn.scan_folder(resolve_image_folder(folder))).encode()).hexdigest())
+        except (OSError, knn.KNNError):
+            return float("nan")
+
+    @classmethod
+    def execute(cls, folder: str, colors: str, shapes: str, count: int, size: int, seed: int) -> io.NodeOutput:
+        dst = resolve_image_folder(folder)
+        pbar = comfy.utils.ProgressBar(count)
+
+        def cancel() -> bool:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            return False
+
+        paths, captions, written = knn_world.write_world_folder(
+            dst, seed=seed, count=count, size=size, colors=colors, shapes=shapes,
+            progress=lambda done, total: pbar.update_absolute(done, total), cancel=cancel)
+        log.info("Atelier World Image Folder: %d images in %s (%d written now)", len(paths), dst, written)
+        preview = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)
+                               for p in paths[:16]])
+        return io.NodeOutput(folder, preview, "\n".join(captions))
 
 
 # ----------------------------------------------------------------------------- build / load
@@ -218,9 +303,11 @@ class AtelierKNNBuildIndex(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder: str, index_name: str, index_type: str, rebuild: bool, batch_size: int,
-                           **_):
+    def fingerprint_inputs(cls, folder: str | None = None, index_name: str = "", index_type: str = "",
+                           rebuild: bool = False, batch_size: int = 0, **_):
         """Run again when the folder's images or the index change (a stat scan, no reading)."""
+        if folder is None:  # linked (e.g. from Atelier World Image Folder): not known before the run
+            return float("nan")
         try:
             files, skipped = knn.scan_folder(resolve_image_folder(folder))
             exists = (index_dir(index_name, create=True) / "atelier_knn.json").is_file()
@@ -487,7 +574,9 @@ class AtelierKNNConditioning(io.ComfyNode):
 
 
 NODES = [
+    AtelierWorldFolder,
     AtelierKNNOpenCLIPLoader,
+    AtelierKNNTinyOpenCLIPLoader,
     AtelierKNNCLIPVisionEmbedder,
     AtelierKNNBuildIndex,
     AtelierKNNIndexLoader,

@@ -42,7 +42,37 @@ class AtelierTinyCheckpointLoader(io.ComfyNode):
         return io.NodeOutput(model, clip, vae)
 
 
-NODES = [AtelierTinyCheckpointLoader]
+class AtelierTinyUnCLIPCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierTinyUnCLIPCheckpointLoader",
+            display_name="Atelier Tiny unCLIP Checkpoint (test model)",
+            category="atelier/loaders",
+            description=(
+                "The tiny stand-in for unCLIP Checkpoint Loader (SD2.1 unCLIP): a seeded random model with the "
+                "SD2.1-unCLIP topology at toy size that reads 32-d CLIP image embeddings, a tiny text encoder, VAE "
+                "and CLIP vision model. It draws noise-like pictures: it exists to try workflows and run tests "
+                "without downloading weights."
+            ),
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of the random weights. Same seed, same weights."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The tiny unCLIP diffusion model (reads unclip_conditioning)."),
+                io.Clip.Output(tooltip="The tiny text encoder with the real tokenizer."),
+                io.Vae.Output(tooltip="A TAESD-type VAE (8x downscale, 4 latent channels)."),
+                io.ClipVision.Output(tooltip="A tiny CLIP vision model with a 32-d projection."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(*tiny_family.build_unclip_family(seed))
+
+
+NODES = [AtelierTinyCheckpointLoader, AtelierTinyUnCLIPCheckpointLoader]
 
 
 def _tiny_prompt_handler(json_data: dict) -> dict:

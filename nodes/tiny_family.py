@@ -156,3 +156,77 @@ def write_stock_sd15_checkpoint(path: str, seed: int = 0) -> None:
     sd = model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
     sd = {k: (v.half() if v.is_floating_point() and v.ndim > 0 else v).contiguous() for k, v in sd.items()}
     comfy.utils.save_torch_file(sd, path, metadata={"atelier": "stock-loader test checkpoint, random weights"})
+
+
+# ----------------------------------------------------------------------------- tiny SD2.1-unCLIP family
+# Not in FAMILIES (that list is the txt2img families the tiny checkpoint loader offers): an unCLIP model also
+# needs a CLIP vision model, and it reads image embeddings of UNCLIP_EMBED_DIM. SD2.1-unCLIP topology at 32
+# channels (2 levels, linear transformers); its ADM input is the 32-d image embedding + a 32-d noise-level
+# embedding, as SD2.1 unCLIP-h concatenates 1024 + 1024. The text encoder is the sd15 tiny one (context 64);
+# latent format SD1.5 (as SD2.x), the sd15 TAESD-type VAE.
+
+UNCLIP_EMBED_DIM = 32
+
+_UNCLIP_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+    "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
+    "adm_in_channels": 2 * UNCLIP_EMBED_DIM, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+    "transformer_depth": [1, 1], "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1],
+    "use_linear_in_transformer": True, "context_dim": 64,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+# A ComfyUI CLIP vision config at toy size whose projection matches what the tiny unCLIP reads.
+TINY_CLIP_VISION = {
+    "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32,
+    "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2,
+    "patch_size": 8, "projection_dim": UNCLIP_EMBED_DIM, "torch_dtype": "float32",
+}
+
+# An open_clip architecture (both towers) at toy size, embedding into the same 32 dimensions.
+TINY_OPEN_CLIP = {
+    "embed_dim": UNCLIP_EMBED_DIM,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+class TinySD21UnCLIP(comfy.supported_models.SD21UnclipH):
+    unet_config = dict(_UNCLIP_UNET)
+    unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
+    noise_aug_config = {"noise_schedule_config": {"timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"},
+                        "timestep_dim": UNCLIP_EMBED_DIM}
+
+
+def build_unclip_model(seed: int):
+    cfg = TinySD21UnCLIP(TinySD21UnCLIP.unet_config)
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({})
+    seeded_init_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build_clip_vision(seed: int):
+    """A ComfyUI ClipVisionModel (what Load CLIP Vision returns) of TINY_CLIP_VISION, seeded."""
+    import json
+    import os
+    import tempfile
+
+    import comfy.clip_vision
+
+    fd, path = tempfile.mkstemp(suffix=".json", prefix="atelier_tiny_clip_vision_")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(TINY_CLIP_VISION, f)
+        cv = comfy.clip_vision.ClipVisionModel(path)
+    finally:
+        os.unlink(path)
+    seeded_init_(cv.model, seed + 3)
+    return cv
+
+
+def build_unclip_family(seed: int = 0):
+    """(MODEL, CLIP, VAE, CLIP_VISION), the outputs of the core unCLIPCheckpointLoader."""
+    return build_unclip_model(seed), build_clip("sd15", seed), build_vae("sd15", seed), build_clip_vision(seed)

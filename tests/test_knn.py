@@ -393,3 +393,62 @@ def test_combine_neighbours_for_unclip():
     np.testing.assert_allclose(raw, emb.mean(0), rtol=1e-5)
     with pytest.raises(KNNError):
         knn.combine_neighbours(hits, query_weight=1.5)
+
+
+# ----------------------------------------------------------------------------- demo databases, tiny mode
+
+knn_world = importlib.import_module(f"{PKG}.knn_world")
+tiny_substitution = importlib.import_module(f"{PKG}.tiny_substitution")
+
+
+def test_world_folder_is_idempotent_filtered_and_in_sync(tmp_path):
+    folder = tmp_path / "warm"
+    paths, captions, written = knn_world.write_world_folder(folder, seed=3, count=6, size=64, colors="red, orange")
+    assert written == 6 and len(paths) == 6 and all(p.is_file() for p in paths)
+    assert all(("red" in c or "orange" in c) for c in captions)
+    words = " ".join(captions).split()
+    assert not {"blue", "cyan", "purple", "green", "yellow", "pink"} & set(words)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (folder / "mine.png").write_bytes(b"user file")
+    again, captions2, written2 = knn_world.write_world_folder(folder, seed=3, count=6, size=64, colors="red, orange")
+    assert written2 == 0 and captions2 == captions
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "mine.png"} == before
+    fewer, _, _ = knn_world.write_world_folder(folder, seed=3, count=4, size=64, colors="red, orange")
+    assert sorted(p.name for p in folder.glob("world_*.png")) == sorted(p.name for p in fewer)
+    assert (folder / "mine.png").read_bytes() == b"user file"  # only our own files are removed
+    other, _, _ = knn_world.write_world_folder(folder, seed=3, count=4, size=64, colors="blue")
+    assert {p.name for p in folder.glob("world_*.png")} == {p.name for p in other}  # settings changed: replaced
+    assert not {p.name for p in other} & {p.name for p in fewer}
+    with pytest.raises(KNNError, match="colors: unknown teal"):
+        knn_world.write_world_folder(folder, colors="teal")
+    with pytest.raises(KNNError, match="count"):
+        knn_world.write_world_folder(folder, count=0)
+
+
+def test_tiny_substitution_maps_knn_loaders_and_keeps_indexes_apart():
+    prompt = {
+        "1": {"class_type": "unCLIPCheckpointLoader", "inputs": {"ckpt_name": "sd21-unclip-h.ckpt"}},
+        "2": {"class_type": "AtelierKNNOpenCLIPLoader", "inputs": {"clip_name": "a.safetensors",
+                                                                   "architecture": "ViT-H-14"}},
+        "3": {"class_type": "AtelierKNNBuildIndex", "inputs": {"embedder": ["2", 0], "index_name": "photos"}},
+        "4": {"class_type": "AtelierKNNIndexLoader", "inputs": {"database": "photos", "memory_map": "auto"}},
+        "5": {"class_type": "AtelierKNNBuildIndex", "inputs": {"embedder": ["2", 0], "index_name": ["9", 0]}},
+    }
+    out = tiny_substitution.substitute_tiny(prompt)
+    assert out["1"]["class_type"] == "AtelierTinyUnCLIPCheckpointLoader"
+    assert out["1"]["inputs"] == {"seed": tiny_substitution.tiny_seed_for("sd21-unclip-h.ckpt")}
+    assert out["2"]["class_type"] == "AtelierKNNTinyOpenCLIPLoader"
+    assert out["3"]["inputs"]["index_name"] == "photos_tiny" and out["3"]["inputs"]["embedder"] == ["2", 0]
+    assert out["4"]["inputs"]["database"] == "photos_tiny"
+    assert out["5"]["inputs"]["index_name"] == ["9", 0]  # links are left alone
+    assert prompt["3"]["inputs"]["index_name"] == "photos"  # the input prompt is not modified
+    assert tiny_substitution.substitute_tiny(out) == out  # idempotent (the server may see a prompt twice)
+
+
+def test_random_open_clip_embedder_is_seeded():
+    a = knn_embed.random_open_clip_embedder(TINY, seed=1)
+    b = knn_embed.random_open_clip_embedder(TINY, seed=1)
+    c = knn_embed.random_open_clip_embedder(TINY, seed=2)
+    ta, tb, tc = (e.embed_texts(["a red circle"]) for e in (a, b, c))
+    assert a.name == b.name != c.name and a.dim == 32
+    assert np.array_equal(ta, tb) and not np.allclose(ta, tc)

@@ -1,9 +1,9 @@
 """kNN retriever nodes in a real ComfyUI graph: build two databases from the input folder, retrieve by text,
 condition a tiny unCLIP model through the core KSampler, and swap the database.
 
-The tiny unCLIP model (SD2.1-unCLIP topology at 32 channels, reading 32-d image embeddings) is a test-only
-node built from ComfyUI's own classes with seeded weights; the embedder is a tiny open_clip saved as
-safetensors and loaded by the real loader node.
+The tiny unCLIP model (SD2.1-unCLIP topology at 32 channels, reading 32-d image embeddings, with a tiny CLIP
+vision model: nodes/tiny_family.build_unclip_family) is what tiny mode puts in place of unCLIPCheckpointLoader;
+the embedder is a tiny open_clip saved as safetensors and loaded by the real loader node.
 """
 from __future__ import annotations
 
@@ -17,94 +17,7 @@ import torch
 from atelier_testlib import load_tool
 from PIL import Image, ImageDraw
 
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-TEST_NODE = "KNNTestTinyUnCLIP"
-# SD2.1-unCLIP topology at 32 channels: reads 32-d image embeddings (ADM = embedding + noise-level embedding)
-UNCLIP_UNET = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-    "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
-    "adm_in_channels": 64, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-    "transformer_depth": [1, 1], "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1],
-    "use_linear_in_transformer": True, "context_dim": 64,
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-TINY_VISION = {  # a ComfyUI CLIP vision config at toy size, 32-d projection like the tiny unCLIP reads
-    "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32,
-    "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05,
-    "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2,
-    "patch_size": 8, "projection_dim": 32, "torch_dtype": "float32",
-}
-VISION_NODE = "KNNTestTinyCLIPVision"
-UNCLIP_EXTRA = {"num_heads": -1, "num_head_channels": 16}
-UNCLIP_NOISE_AUG = {"noise_schedule_config": {"timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"},
-                    "timestep_dim": 32}
-
-
-def _tiny_unclip_node(pack):
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    seeded_init_ = importlib.import_module(pack.__name__ + ".models.seeded_init").seeded_init_
-
-    class TinyUnCLIP(comfy.supported_models.SD21UnclipL):
-        unet_config = UNCLIP_UNET
-        unet_extra_config = UNCLIP_EXTRA
-        noise_aug_config = UNCLIP_NOISE_AUG
-
-    class Node:
-        CATEGORY = "testing"
-        RETURN_TYPES = ("MODEL",)
-        FUNCTION = "build"
-
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"seed": ("INT", {"default": 0})}}
-
-        def build(self, seed):
-            cfg = TinyUnCLIP(TinyUnCLIP.unet_config)
-            cfg.set_inference_dtype(torch.float32, None)
-            model = cfg.get_model({})
-            seeded_init_(model.diffusion_model, seed)
-            _norms_to_one(model.diffusion_model)
-            return (comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                                     offload_device=mm.unet_offload_device()),)
-
-    return Node
-
-
-def _norms_to_one(module):
-    with torch.no_grad():  # seeded_init_ leaves GroupNorms named 'in_layers.0' etc. at scale 0
-        for mod in module.modules():
-            if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and mod.weight is not None:
-                mod.weight.fill_(1.0)
-
-
-def _tiny_vision_node(pack, config_path):
-    import comfy.clip_vision
-
-    seeded_init_ = importlib.import_module(pack.__name__ + ".models.seeded_init").seeded_init_
-
-    class Node:
-        CATEGORY = "testing"
-        RETURN_TYPES = ("CLIP_VISION",)
-        FUNCTION = "build"
-
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"seed": ("INT", {"default": 0})}}
-
-        def build(self, seed):
-            cv = comfy.clip_vision.ClipVisionModel(str(config_path))
-            seeded_init_(cv.model, seed)
-            _norms_to_one(cv.model)
-            return (cv,)
-
-    return Node
+TEST_NODE = "AtelierTinyUnCLIPCheckpointLoader"  # MODEL, CLIP, VAE, CLIP_VISION; reads 32-d image embeddings
 
 
 def _images(folder, n, seed, shape, hue):
@@ -127,14 +40,12 @@ def knn_env(comfy, pack, tmp_path_factory):
         if node_id not in comfy.node_classes:
             cls.RELATIVE_PYTHON_MODULE = knn_nodes.__name__
             comfy.node_classes[node_id] = cls
+    tiny_family = importlib.import_module(pack.__name__ + ".nodes.tiny_family")
     root = tmp_path_factory.mktemp("knn_nodes")
-    (root / "tiny_vision.json").write_text(json.dumps(TINY_VISION))
-    comfy.node_classes.setdefault(TEST_NODE, _tiny_unclip_node(pack))
-    comfy.node_classes.setdefault(VISION_NODE, _tiny_vision_node(pack, root / "tiny_vision.json"))
 
     fp = comfy.folder_paths
     (root / "open_clip").mkdir()
-    knn_embed.save_open_clip(knn_embed.random_open_clip(TINY_CLIP, seed=0), TINY_CLIP,
+    knn_embed.save_open_clip(knn_embed.random_open_clip(tiny_family.TINY_OPEN_CLIP, seed=0), tiny_family.TINY_OPEN_CLIP,
                              root / "open_clip" / "tiny_knn.safetensors", arch="tiny")
     fp.add_model_folder_path(knn_nodes.FOLDER_OPEN_CLIP, str(root / "open_clip"), is_default=True)
     fp.add_model_folder_path(knn_nodes.FOLDER_INDEX, str(root / "indexes"), is_default=True)
@@ -224,8 +135,8 @@ def test_widget_paths_stay_in_their_folders(knn_env, run_graph):
 def test_clip_vision_index_image_query_feeds_core_unclip(knn_env, run_graph):
     """A ComfyUI CLIP_VISION model as the embedder; its re-encoded CLIP_VISION_OUTPUT into core unCLIPConditioning."""
     prompt = {
-        "30": {"class_type": VISION_NODE, "inputs": {"seed": 0}},
-        "31": {"class_type": "AtelierKNNCLIPVisionEmbedder", "inputs": {"clip_vision": ["30", 0]}},
+        "30": {"class_type": TEST_NODE, "inputs": {"seed": 0}},
+        "31": {"class_type": "AtelierKNNCLIPVisionEmbedder", "inputs": {"clip_vision": ["30", 3]}},
         "32": {"class_type": "AtelierKNNBuildIndex", "inputs": {
             "embedder": ["31", 0], "folder": "knn_warm", "index_name": "warm_cv", "index_type": "flat",
             "rebuild": False, "batch_size": 4}},
@@ -257,3 +168,38 @@ def test_clip_vision_index_image_query_feeds_core_unclip(knn_env, run_graph):
     prompt["34"]["inputs"]["text"] = "a red circle"
     with pytest.raises(headless.WorkflowError, match="no text tower"):
         run_graph(prompt)
+
+
+def test_two_databases_workflow_retrieves_from_each(knn_env, comfy, run_graph):
+    """workflows/knn_two_databases.json in tiny mode (fewer images and steps): each Retrieve returns images of
+    its own database only, and the two pictures differ."""
+    from atelier_testlib import ROOT
+
+    prompt = comfy.to_prompt(json.loads((ROOT / "workflows" / "knn_two_databases.json").read_text()), tiny=True)
+    worlds = {nid: n for nid, n in prompt.items() if n["class_type"] == "AtelierWorldFolder"}
+    retrieves = sorted(nid for nid, n in prompt.items() if n["class_type"] == "AtelierKNNRetrieve")
+    decodes = sorted(nid for nid, n in prompt.items() if n["class_type"] == "VAEDecode")
+    assert len(worlds) == 2 and len(retrieves) == 2 and len(decodes) == 2
+    assert {n["class_type"] for n in prompt.values()} >= {"AtelierTinyUnCLIPCheckpointLoader",
+                                                          "AtelierKNNTinyOpenCLIPLoader"}
+    for n in worlds.values():
+        n["inputs"].update(count=8, size=64, folder="test_" + n["inputs"]["folder"])
+    for n in prompt.values():
+        if n["class_type"] == "KSampler":
+            n["inputs"]["steps"] = 2
+        if n["class_type"] == "AtelierKNNBuildIndex":
+            assert n["inputs"]["index_name"].endswith("_tiny")
+            n["inputs"]["index_name"] = "test_" + n["inputs"]["index_name"]
+    r = run_graph(prompt, want=retrieves + decodes + list(worlds))
+    colours = {}
+    for nid in retrieves:
+        hits = r["values"][nid][2]
+        assert len(hits.paths) == 4
+        words = set()
+        for p in hits.paths:
+            words |= set((Path(hits.root) / p).with_suffix(".txt").read_text().split())
+        colours[nid] = words & {"red", "orange", "yellow", "blue", "cyan", "purple"}
+    a, b = (colours[nid] for nid in retrieves)
+    assert a and b and not a & b, f"each database must give its own images: {a} vs {b}"
+    img_a, img_b = (r["values"][nid][0] for nid in decodes)
+    assert (img_a - img_b).abs().max() > 1e-4

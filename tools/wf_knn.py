@@ -1,0 +1,100 @@
+"""Example workflows for the kNN retriever (KNN-Diffusion on SD2.1 unCLIP).
+
+The databases are folders of generated-world images written by Atelier World Image Folder, so every workflow
+runs on a fresh install; point Build Index at your own folder instead. With --tiny (or ATELIER_TINY_MODELS=1)
+the unCLIP checkpoint and the open_clip model are replaced by tiny seeded stand-ins and index names get a
+'_tiny' suffix.
+"""
+
+UNCLIP = "sd21-unclip-h.ckpt"
+OPEN_CLIP = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+OPEN_CLIP_ARCH = "ViT-H-14"
+PROMPT = "a red circle left of a blue square"
+
+WARM = dict(folder="atelier_world/warm_shapes", colors="red, orange, yellow", title="Warm shapes (database A)")
+COOL = dict(folder="atelier_world/cool_shapes", colors="blue, cyan, purple", title="Cool shapes (database B)")
+
+
+def _world(g, spec, count=48):
+    return g.node("AtelierWorldFolder", title=spec["title"], folder=spec["folder"], colors=spec["colors"],
+                  shapes="", count=count, size=256, seed=0)
+
+
+def _embedder(g):
+    return g.node("AtelierKNNOpenCLIPLoader", title="open_clip ViT-H/14 (the unCLIP-h embedding space)",
+                  clip_name=OPEN_CLIP, architecture=OPEN_CLIP_ARCH)
+
+
+def _build(g, emb, folder_out, name):
+    return g.node("AtelierKNNBuildIndex", title=f"Build index '{name}'", embedder=emb[0], folder=folder_out[0],
+                  index_name=name, index_type="auto", rebuild=False, batch_size=16)
+
+
+def _retrieve(g, index, emb, text, title="Retrieve by text"):
+    return g.node("AtelierKNNRetrieve", title=title, index=index[0], embedder=emb[0], text=text, k=4,
+                  combine="weighted mean", temperature=0.05, image_size=256)
+
+
+def _generate(g, ck, pos, neg, hits, prefix, title="KSampler"):
+    cond = g.node("AtelierKNNConditioning", conditioning=pos[0], neighbours=hits[2], strength=1.0, temperature=0.05,
+                  query_weight=0.0, mode="weighted mean", noise_augmentation=0.1, model=ck[0])
+    lat = g.node("EmptyLatentImage", width=768, height=768, batch_size=1)
+    ks = g.node("KSampler", title=title, model=ck[0], positive=cond[0], negative=neg[0], latent_image=lat[0],
+                seed=42, steps=8, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    img = g.node("VAEDecode", samples=ks[0], vae=ck[2])
+    g.node("SaveImage", title=f"{title}: result", images=img[0], filename_prefix=prefix)
+
+
+def _unclip(g, prompt):
+    ck = g.node("unCLIPCheckpointLoader", title="SD2.1 unCLIP-h", ckpt_name=UNCLIP)
+    pos = g.node("CLIPTextEncode", title="Positive", text=prompt, clip=ck[1])
+    neg = g.node("CLIPTextEncode", title="Negative", text="blurry, low quality", clip=ck[1])
+    return ck, pos, neg
+
+
+def knn_build_index(g):
+    g.note("Build a kNN index (a database) of an image folder. Atelier World Image Folder writes 48 generated "
+           "images of warm-coloured shapes under ComfyUI's input folder; replace it by typing your own folder "
+           "(relative to input/) into Build Index's folder. The index goes to models/atelier/knn_index/<name>; "
+           "running again embeds only new or changed images. The embedder is an open_clip ViT-H/14 file in "
+           "models/atelier/open_clip. Retrieve shows the 4 images nearest to a text query.")
+    world = _world(g, WARM)
+    emb = _embedder(g)
+    index = _build(g, emb, world, "demo_warm_shapes")
+    hits = _retrieve(g, index, emb, "a red circle")
+    g.node("SaveImage", title="Neighbours", images=hits[0], filename_prefix="atelier_knn_neighbours")
+
+
+def knn_text_to_unclip(g):
+    g.note("KNN-Diffusion on SD2.1 unCLIP-h: the prompt retrieves its 4 nearest images from the database in "
+           "open_clip ViT-H/14 space, and their score-weighted image embedding conditions the unCLIP model next to "
+           "the text (unclip_conditioning, which the model was trained to read). The ViT-H/14 text and image towers "
+           "share the space unCLIP-h's image input lives in. noise_augmentation loosens how closely the result "
+           "follows the neighbours; strength 0 is plain text-to-image. Retrieve's clip_vision_output also feeds core "
+           "unCLIP Conditioning, Apply Style Model or IPAdapter.")
+    ck, pos, neg = _unclip(g, PROMPT)
+    world = _world(g, WARM)
+    emb = _embedder(g)
+    index = _build(g, emb, world, "demo_warm_shapes")
+    hits = _retrieve(g, index, emb, PROMPT)
+    _generate(g, ck, pos, neg, hits, "atelier_knn_unclip")
+
+
+def knn_two_databases(g):
+    g.note("The same prompt, seed and model on two databases: warm-coloured shapes (A) and cool-coloured shapes "
+           "(B). Only the retrieved neighbours differ, and so does the picture. With your own images, build one "
+           "index per folder and pick it in Atelier kNN Load Index (the database combo) instead of building here.")
+    ck, pos, neg = _unclip(g, PROMPT)
+    emb = _embedder(g)
+    for spec, name, tag in ((WARM, "demo_warm_shapes", "A"), (COOL, "demo_cool_shapes", "B")):
+        world = _world(g, spec)
+        index = _build(g, emb, world, name)
+        hits = _retrieve(g, index, emb, PROMPT, title=f"Retrieve from database {tag}")
+        _generate(g, ck, pos, neg, hits, f"atelier_knn_database_{tag.lower()}", title=f"Database {tag}")
+
+
+WORKFLOWS = {
+    "knn_build_index.json": knn_build_index,
+    "knn_text_to_unclip.json": knn_text_to_unclip,
+    "knn_two_databases.json": knn_two_databases,
+}
