@@ -1,0 +1,638 @@
+"""Time experts: a routed MODEL whose denoising calls go to the expert that owns the current noise level
+(RAPHAEL Time-MoE / eDiff-I), a struct→texture handoff sampler (PanGu-Draw), a calibrated time gate,
+and the route record drawn as an image. Math in ../models/time_experts.py; this file is glue.
+
+How the routed MODEL works
+--------------------------
+``AtelierTimeExperts`` returns a clone of expert 1 carrying two keyed wrappers (nothing single-slot):
+
+* ``SAMPLER_SAMPLE`` (once per sampler run): finds the patcher the sampler actually uses (a clone of
+  ours if nodes were chained after), builds each other expert's model options once for the run, starts
+  a route record, and cleans the experts up afterwards.
+* ``CALC_COND_BATCH`` (every denoising call): picks the expert for the call's sigma. Expert 1 continues
+  the normal chain (so every other wrapper/patch on the routed model runs as usual). Another expert is
+  called as ``comfy.samplers.calc_cond_batch(expert.model, conds, x, sigma, expert_options)``, i.e. the
+  same core function the sampler calls, with that expert's OWN model options (its patches, wrappers,
+  ``model_function_wrapper``, hooks) plus whatever was added to the routed MODEL after this node (a
+  patch put on the routed model applies to every expert; a patch put on one expert before routing stays
+  with it). Its weights (LoRA) are that expert's ModelPatcher's, so nothing leaks between experts.
+
+Memory. Experts with their own weights are registered with ``set_additional_models``: the core
+``prepare_sampling`` hands them to ``load_models_gpu`` together with the routed model once per run.
+When they do not all fit, ``load_models_gpu`` gives each a partial (lowvram) budget and streams the
+rest layer by layer. On top of that, at each switch (and only then: at most n-1 times per run for a
+monotone schedule) the active expert is requested again with ``load_models_gpu([expert])``; when
+memory is short this evicts the idle expert and loads the active one fully, so two large experts take
+turns where only one fits. Experts that are clones of one base model (same checkpoint, different LoRA)
+cannot be resident together (they share the weight tensors); they are not registered as additional
+models and are swapped by ``load_models_gpu`` at the switch, exactly as the core two-KSampler chain
+swaps them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from comfy_api.latest import io, ui
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.patcher_extension as pe
+import comfy.samplers
+
+from ..models import time_experts as te
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "atelier/time_experts"
+KEY = "atelier.time_experts"
+REC_KEY = "atelier.time_experts.record"
+MAX_EXPERTS = 4
+Routes = io.Custom("ATELIER_ROUTES")
+
+
+# ------------------------------------------------------------------ helpers
+def _sigma_table(model) -> torch.Tensor:
+    ms = model.get_model_object("model_sampling")
+    tab = getattr(ms, "sigmas", None)
+    if tab is None:
+        raise ValueError("boundaries: this model has no discrete sigma table (e.g. a flow model); use mode 'sigma'")
+    return tab.detach().float().cpu()
+
+
+def _family_key(model):
+    fmt = model.model.latent_format
+    return type(fmt).__name__, getattr(fmt, "latent_channels", None)
+
+
+def _cond_key(model):
+    cfg = getattr(model.model, "model_config", None)
+    unet = getattr(cfg, "unet_config", {}) or {}
+    return unet.get("context_dim"), unet.get("adm_in_channels"), unet.get("in_channels")
+
+
+def check_same_family(experts: list, names: list[str]) -> None:
+    base = experts[0]
+    for m, name in zip(experts[1:], names[1:]):
+        if _family_key(m) != _family_key(base):
+            raise ValueError(
+                f"{name}: its latent family ({_family_key(m)[0]}) differs from {names[0]}'s ({_family_key(base)[0]}). "
+                "A routed MODEL needs experts of one latent family; for a handoff across families use "
+                "Atelier Struct→Texture Sampler, which needs the Coop bridge.")
+        if _cond_key(m) != _cond_key(base):
+            raise ValueError(
+                f"{name}: it takes different conditioning than {names[0]} (context/ADM width "
+                f"{_cond_key(m)[:2]} vs {_cond_key(base)[:2]}), e.g. an SDXL refiner. Use Atelier Struct→Texture "
+                "Sampler, which gives each model its own positive/negative conditioning.")
+
+
+def _shape(obj):
+    """Lengths/keys structure of nested options, to find what was added later (survives deepcopy)."""
+    if isinstance(obj, dict):
+        return {k: _shape(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return len(obj)
+    return None
+
+
+def _added(obj, shape):
+    """The part of ``obj`` that is not in ``shape``: new keys, and items appended to lists."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if shape is None or not isinstance(shape, dict) or k not in shape:
+                out[k] = v
+            elif isinstance(v, (dict, list)):
+                sub = _added(v, shape[k])
+                if sub:
+                    out[k] = sub
+        return out
+    if isinstance(obj, list):
+        n = shape if isinstance(shape, int) else 0
+        return obj[n:]
+    return obj
+
+
+def _strip_own(wrappers: dict) -> dict:
+    """Our own keys never go to the other experts (they would recurse)."""
+    out = {}
+    for wtype, by_key in wrappers.items():
+        if not isinstance(by_key, dict):
+            continue
+        kept = {k: v for k, v in by_key.items() if k not in (KEY, REC_KEY)}
+        if kept:
+            out[wtype] = kept
+    return out
+
+
+class RouterState:
+    """Per routed MODEL: experts, the rule (thresholds or a gate), the route record, per-run state.
+    Held in the wrappers' closures and as an attachment (shared by clones: execution is sequential)."""
+
+    def __init__(self, experts, names, thresholds, sigma_table, gate=None, gate_noise=0.0, gate_seed=0):
+        self.experts = experts            # ModelPatchers as given (index 0 = the routed model's base)
+        self.names = names
+        self.thresholds = list(thresholds)
+        self.sigma_table = sigma_table
+        self.logs = te.log_table(sigma_table)
+        self.gate = gate
+        self.gate_noise = float(gate_noise)
+        self.gate_seed = int(gate_seed)
+        self.record = te.new_record(names)
+        # an expert sharing its weights with an earlier one cannot be resident at the same time
+        self.shared = [any(experts[j].model is experts[i].model for j in range(i)) for i in range(len(experts))]
+        self.snapshot = None              # options shape right after this node
+        self.run = None
+
+    def choose(self, sigma: float) -> tuple[int, float]:
+        t = te.timestep_from_logs(sigma, self.logs)
+        if self.gate is not None:
+            return te.router_choose(self.gate, t, self.gate_noise, self.run.gen if self.run else None), t
+        return te.expert_for_sigma(sigma, self.thresholds), t
+
+
+class _Run:
+    pass
+
+
+def _expert_patchers(state: RouterState, routed) -> list:
+    """The patchers for this run: the routed one, the clones ComfyUI loaded as additional models, and
+    the shared-base experts (swapped at the switch)."""
+    extra = iter(routed.get_additional_models_with_key(KEY))
+    out = [routed]
+    for i in range(1, len(state.experts)):
+        out.append(state.experts[i] if state.shared[i] else next(extra, state.experts[i]))
+    return out
+
+
+def _run_options(expert, added_options: dict, added_wrappers: dict, added_callbacks: dict, sample_sigmas) -> dict:
+    opts = comfy.model_patcher.create_model_options_clone(expert.model_options)
+    to = opts.setdefault("transformer_options", {})
+    pe.merge_nested_dicts(to.setdefault("wrappers", {}), expert.wrappers, copy_dict1=False)
+    pe.merge_nested_dicts(to.setdefault("callbacks", {}), expert.callbacks, copy_dict1=False)
+    if added_options:
+        opts = pe.merge_nested_dicts(opts, added_options, copy_dict1=False)
+        to = opts["transformer_options"]
+    pe.merge_nested_dicts(to.setdefault("wrappers", {}), added_wrappers, copy_dict1=False)
+    pe.merge_nested_dicts(to.setdefault("callbacks", {}), added_callbacks, copy_dict1=False)
+    to["sample_sigmas"] = sample_sigmas
+    return opts
+
+
+def _activate(run, idx: int) -> None:
+    """Make expert idx the resident, current one (load through model management at the switch only)."""
+    p = run.patchers[idx]
+    if run.active != idx:
+        if run.active is not None:
+            mm.load_models_gpu([p])
+        run.active = idx
+    if idx not in run.pre_ran and idx != 0:
+        p.pre_run()
+        run.pre_ran.add(idx)
+    if hasattr(p.model, "current_patcher"):
+        p.model.current_patcher = p
+
+
+def make_wrappers(state: RouterState):
+    def sampler_sample(executor, guider, sigmas, extra_args, *args, **kwargs):
+        routed = guider.model_patcher
+        run = _Run()
+        run.patchers = _expert_patchers(state, routed)
+        run.active = 0
+        run.pre_ran = set()
+        run.gen = torch.Generator().manual_seed(state.gate_seed)
+        snap = state.snapshot or {}
+        added_options = pe.copy_nested_dicts(_added(routed.model_options, snap.get("options")))
+        to_added = added_options.get("transformer_options")
+        if isinstance(to_added, dict):
+            for k in ("wrappers", "callbacks", "sample_sigmas"):
+                to_added.pop(k, None)
+        opt_wrappers = _added(routed.model_options.get("transformer_options", {}).get("wrappers", {}),
+                              (snap.get("options") or {}).get("transformer_options", {}).get("wrappers"))
+        opt_callbacks = _added(routed.model_options.get("transformer_options", {}).get("callbacks", {}),
+                               (snap.get("options") or {}).get("transformer_options", {}).get("callbacks"))
+        added_wrappers = pe.merge_nested_dicts(_strip_own(opt_wrappers),
+                                               _strip_own(_added(routed.wrappers, snap.get("wrappers"))))
+        added_callbacks = pe.merge_nested_dicts(opt_callbacks, _added(routed.callbacks, snap.get("callbacks")))
+        run.options = [None] + [_run_options(p, added_options, added_wrappers, added_callbacks, sigmas)
+                                for p in run.patchers[1:]]
+        state.run = run
+        te.start_run(state.record, [float(s) for s in sigmas.flatten().tolist()])
+        try:
+            return executor(guider, sigmas, extra_args, *args, **kwargs)
+        finally:
+            for i in run.pre_ran:
+                run.patchers[i].cleanup()
+            if run.active not in (0, None) and hasattr(routed.model, "current_patcher"):
+                routed.model.current_patcher = routed
+            state.run = None
+
+    def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+        sigma = float(timestep.flatten()[0])
+        idx, t = state.choose(sigma)
+        te.record_call(state.record, sigma, t, idx)
+        run = state.run
+        if run is None:  # called outside a sampler run (e.g. a preview tool): stay on expert 1
+            return executor(model, conds, x_in, timestep, model_options)
+        _activate(run, idx)
+        if idx == 0:
+            return executor(model, conds, x_in, timestep, model_options)
+        p = run.patchers[idx]
+        return comfy.samplers.calc_cond_batch(p.model, conds, x_in, timestep, run.options[idx])
+
+    return sampler_sample, calc_cond_batch
+
+
+def build_routed(experts: list, names: list[str], thresholds, sigma_table, gate=None, gate_noise=0.0, gate_seed=0):
+    """Clone of expert 1 that routes by noise level. Returns (routed MODEL, RouterState)."""
+    check_same_family(experts, names)
+    routed = experts[0].clone()
+    state = RouterState(experts, names, thresholds, sigma_table, gate, gate_noise, gate_seed)
+    own = [experts[i] for i in range(1, len(experts)) if not state.shared[i]]
+    routed.set_additional_models(KEY, own)
+    routed.remove_wrappers_with_key(pe.WrappersMP.SAMPLER_SAMPLE, KEY)
+    routed.remove_wrappers_with_key(pe.WrappersMP.CALC_COND_BATCH, KEY)
+    sampler_sample, calc = make_wrappers(state)
+    routed.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, KEY, sampler_sample)
+    routed.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, KEY, calc)
+    routed.set_attachments(KEY, state)
+    state.snapshot = {"options": _shape(routed.model_options), "wrappers": _shape(routed.wrappers),
+                      "callbacks": _shape(routed.callbacks)}
+    return routed, state
+
+
+def _boundary_summary(state: RouterState) -> str:
+    parts = []
+    for i, th in enumerate(state.thresholds):
+        t = te.T_MAX if math.isinf(th) else (0.0 if th <= 0 else te.sigma_to_timestep(th, state.sigma_table))
+        parts.append(f"{state.names[i]} | {state.names[i + 1]} at sigma {th:.4g} (t≈{t:.1f})")
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------ nodes
+_MODEL_TIP = ("Expert {i}: a MODEL of the same latent family as model_1. Experts are ordered from high noise to "
+              "low noise: expert {i} denoises after expert {p}.")
+
+
+class AtelierTimeExperts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierTimeExperts",
+            display_name="Atelier Time Experts (route by noise level)",
+            category=CATEGORY,
+            description=(
+                "Combines 2-4 MODELs of one latent family into one MODEL that sends every denoising call to the "
+                "expert owning the current noise level (eDiff-I expert denoisers, RAPHAEL time experts). The switch "
+                "is by sigma, never by step, so it stays put when steps, scheduler or denoise change. Works in every "
+                "sampler (KSampler, KSamplerAdvanced, SamplerCustomAdvanced). Each expert keeps its own LoRA and "
+                "patches; patches added after this node apply to all experts. Experts are loaded by ComfyUI's model "
+                "management once per run and take turns when memory is short."
+            ),
+            inputs=[
+                io.Model.Input("model_1", tooltip="Expert 1: denoises the noisiest part (composition, structure). "
+                                                  "The sampler's schedule comes from this model."),
+                io.Model.Input("model_2", tooltip=_MODEL_TIP.format(i=2, p=1)),
+                io.Combo.Input("mode", options=list(te.MODES), default="timestep",
+                               tooltip="How to read 'boundaries': timestep (0-1000, 1000 = the noisiest), sigma, or "
+                                       "auto (equal split of the log-SNR range, boundaries ignored)."),
+                io.String.Input("boundaries", default="500",
+                                tooltip="One boundary per pair of neighbouring experts, comma-separated, sorted, e.g. "
+                                        "'500' for 2 experts or '750, 500, 250' for 4. Timestep mode: expert 1 takes "
+                                        "t ≥ 500; 1000 gives everything to the later experts, 0 everything to the earlier."),
+                io.Model.Input("model_3", optional=True, tooltip=_MODEL_TIP.format(i=3, p=2)),
+                io.Model.Input("model_4", optional=True, tooltip=_MODEL_TIP.format(i=4, p=3)),
+            ],
+            outputs=[
+                io.Model.Output("routed_model", tooltip="The routed MODEL: connect it to any sampler."),
+                Routes.Output("routes", tooltip="Route record (filled while sampling): connect to Atelier Draw Routes."),
+                io.String.Output("summary", tooltip="The boundaries as sigmas and timesteps."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model_1, model_2, mode, boundaries, model_3=None, model_4=None) -> io.NodeOutput:
+        experts, names = [model_1, model_2], ["model_1", "model_2"]
+        if model_4 is not None and model_3 is None:
+            raise ValueError("model_4: connected while model_3 is empty; connect experts in order (model_3 first)")
+        for m, n in ((model_3, "model_3"), (model_4, "model_4")):
+            if m is not None:
+                experts.append(m)
+                names.append(n)
+        table = _sigma_table_or_none(model_1)
+        if table is None:
+            if mode != "sigma":
+                raise ValueError("mode: this model has no discrete sigma table (e.g. a flow model); use mode 'sigma'")
+            table = torch.tensor([1e-3, 1e3])  # only for the timestep shown in the record
+        thresholds = te.parse_boundaries(boundaries, mode, len(experts), table)
+        routed, state = build_routed(experts, names, thresholds, table)
+        return io.NodeOutput(routed, state.record, _boundary_summary(state))
+
+
+def _sigma_table_or_none(model):
+    try:
+        return _sigma_table(model)
+    except ValueError:
+        return None
+
+
+class AtelierTimeRouter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierTimeRouter",
+            display_name="Atelier Time Router (calibrated gate)",
+            category=CATEGORY,
+            description=(
+                "RAPHAEL-style time gate: replaces the fixed boundaries of a routed MODEL (from Atelier Time Experts) "
+                "by a small router softmax(W·E(t) + b) over the sinusoidal timestep embedding E(t), choosing one "
+                "expert per denoising call. Calibration 'denoising_loss': each expert denoises the given latents "
+                "(noised at 'levels' noise levels, fixed seed, conditioned on 'positive') and the gate is fit to "
+                "prefer, at each timestep, the expert with the lowest x0 error. 'fit_boundaries' fits the gate to the "
+                "routed model's boundaries (same routes as the boundaries, as a starting point)."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="A routed MODEL from Atelier Time Experts."),
+                io.Combo.Input("calibration", options=["denoising_loss", "fit_boundaries"], default="denoising_loss",
+                               tooltip="denoising_loss: fit to measured per-expert denoising error; fit_boundaries: "
+                                       "reproduce the fixed boundaries."),
+                io.Conditioning.Input("positive", optional=True,
+                                      tooltip="Conditioning used while measuring the denoising error (needed for "
+                                              "denoising_loss), e.g. captions of the calibration images."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Calibration latents (VAE Encode of reference images, e.g. Atelier World "
+                                        "samples); needed for denoising_loss."),
+                io.Int.Input("levels", default=12, min=2, max=64,
+                             tooltip="Number of noise levels (timesteps spread over 0-999) to measure."),
+                io.Float.Input("gate_noise", default=0.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="Std of the noise added to the gate's logits at sampling (RAPHAEL's "
+                                       "'+ noise'); 0 = deterministic."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of the calibration noise and of the gate noise."),
+            ],
+            outputs=[
+                io.Model.Output("gated_model", tooltip="The routed MODEL with the calibrated gate."),
+                Routes.Output("routes", tooltip="Route record of the new MODEL."),
+                io.String.Output("report", tooltip="Per-level denoising error of each expert and the gate's choice."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, calibration, levels, gate_noise, seed, positive=None, latent=None) -> io.NodeOutput:
+        state: RouterState | None = model.get_attachment(KEY)
+        if state is None:
+            raise ValueError("model: not a routed MODEL; connect the MODEL output of Atelier Time Experts")
+        ts = torch.linspace(0, 999, levels)
+        n = len(state.experts)
+        if calibration == "fit_boundaries":
+            tb = [te.T_MAX if math.isinf(th) else (0.0 if th <= 0 else te.sigma_to_timestep(th, state.sigma_table))
+                  for th in state.thresholds]
+            gate = te.router_for_boundaries(tb, seed=seed)
+            losses = None
+        else:
+            if positive is None or latent is None:
+                raise ValueError("positive/latent: calibration 'denoising_loss' needs calibration latents and their "
+                                 "conditioning; connect both, or choose 'fit_boundaries'")
+            sig = [te.timestep_to_sigma(float(t), state.sigma_table) for t in ts]
+            losses = torch.stack([measure_denoising_error(e, positive, latent["samples"], sig, seed)
+                                  for e in state.experts], dim=1)
+            gate = te.fit_router(ts, losses, seed=seed)
+        routed, new_state = build_routed(state.experts, state.names, state.thresholds, state.sigma_table,
+                                         gate=gate, gate_noise=gate_noise, gate_seed=seed)
+        lines = [f"gate accuracy on calibration levels: {gate['accuracy']:.2f}"]
+        for i, t in enumerate(ts.tolist()):
+            pick = te.router_choose(gate, t)
+            err = "" if losses is None else "  err " + " ".join(f"{v:.4g}" for v in losses[i].tolist())
+            lines.append(f"t={t:6.1f}  -> {state.names[pick]}{err}")
+        return io.NodeOutput(routed, new_state.record, "\n".join(lines))
+
+
+def measure_denoising_error(expert, positive, latent: torch.Tensor, sigmas: list[float], seed: int) -> torch.Tensor:
+    """Mean x0 error of one expert at each sigma, through the core CFGGuider (cfg 1, positive only),
+    so the expert's own patches and model management apply. One guider run per expert."""
+    import comfy.sample
+    errs: list[float] = []
+    gen = torch.Generator().manual_seed(int(seed))
+    eps = torch.randn(latent.shape, generator=gen)
+
+    def calib(model, x, _sigmas, extra_args=None, callback=None, disable=None):
+        x0 = model.inner_model.inner_model.process_latent_in(latent.to(x.device, x.dtype))
+        s_in = x.new_ones([x.shape[0]])
+        for s in sigmas:
+            mm.throw_exception_if_processing_interrupted()
+            xt = x0 + s * eps.to(x.device, x.dtype)
+            den = model(xt, s * s_in, **(extra_args or {}))
+            errs.append(float(((den.detach() - x0) ** 2).mean()))
+        return x
+
+    sampler = comfy.samplers.KSAMPLER(calib)
+    dummy = torch.tensor([max(sigmas), 0.0])
+    comfy.sample.sample_custom(expert, torch.zeros_like(latent), 1.0, sampler, dummy, positive, [],
+                               latent, seed=seed, disable_pbar=True)
+    return torch.tensor(errs)
+
+
+class AtelierStructTextureSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        samplers = comfy.samplers.KSampler.SAMPLERS
+        schedulers = comfy.samplers.KSampler.SCHEDULERS
+        return io.Schema(
+            node_id="AtelierStructTextureSampler",
+            display_name="Atelier Struct→Texture Sampler",
+            category=CATEGORY,
+            description=(
+                "PanGu-Draw's structure/texture split as one sampler: the structure model denoises t ∈ [T, "
+                "T_struct], the texture model continues below (T_struct = 500 by default). The split is by noise "
+                "level on the structure model's schedule, and equals the core two-KSamplerAdvanced chain (leftover "
+                "noise handed over). Each model has its own conditioning (SDXL base→refiner works). Models of "
+                "different latent families or resolutions need the Coop bridge."
+            ),
+            inputs=[
+                io.Model.Input("structure_model", tooltip="Denoises the high-noise part (composition)."),
+                io.Conditioning.Input("structure_positive", tooltip="Positive conditioning for the structure model."),
+                io.Conditioning.Input("structure_negative", tooltip="Negative conditioning for the structure model."),
+                io.Model.Input("texture_model", tooltip="Denoises the low-noise part (detail, texture)."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (Empty Latent Image for text-to-image)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed (also the seed of ancestral samplers' noise)."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Total steps of the schedule."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale for both models."),
+                io.Combo.Input("sampler_name", options=samplers, tooltip="Sampler for both stages."),
+                io.Combo.Input("scheduler", options=schedulers, tooltip="Scheduler of the shared schedule."),
+                io.Int.Input("t_struct", default=500, min=0, max=1000,
+                             tooltip="Switch timestep T_struct (0-1000): steps starting at t ≥ T_struct use the "
+                                     "structure model. 1000 = texture model only, 0 = structure model only."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Denoise strength, as in KSampler; the switch stays at the same sigma."),
+                io.Conditioning.Input("texture_positive", optional=True,
+                                      tooltip="Positive conditioning for the texture model (default: structure's)."),
+                io.Conditioning.Input("texture_negative", optional=True,
+                                      tooltip="Negative conditioning for the texture model (default: structure's)."),
+                io.Vae.Input("structure_vae", optional=True,
+                             tooltip="Only for a handoff across latent families or resolutions (Coop bridge): the "
+                                     "structure model's VAE."),
+                io.Vae.Input("texture_vae", optional=True,
+                             tooltip="Only for a handoff across latent families or resolutions (Coop bridge): the "
+                                     "texture model's VAE."),
+                io.Float.Input("texture_scale", default=1.0, min=0.25, max=4.0, step=0.25, optional=True,
+                               tooltip="Texture model's pixel resolution relative to the structure model's (2 = "
+                                       "SD1.5 at 512 → SDXL at 1024). Not 1, or a different latent family, uses the "
+                                       "Coop bridge: decode, resize in pixels, encode, re-noise with fresh noise."),
+            ],
+            outputs=[
+                io.Latent.Output("latent", tooltip="The denoised latent (texture model's latent space)."),
+                Routes.Output("routes", tooltip="Which model ran at which call: connect to Atelier Draw Routes."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, structure_model, structure_positive, structure_negative, texture_model, latent_image, seed,
+                steps, cfg, sampler_name, scheduler, t_struct, denoise, texture_positive=None,
+                texture_negative=None, structure_vae=None, texture_vae=None, texture_scale=1.0) -> io.NodeOutput:
+        latent, record = struct_texture_sample(
+            structure_model, structure_positive, structure_negative, texture_model,
+            texture_positive if texture_positive is not None else structure_positive,
+            texture_negative if texture_negative is not None else structure_negative,
+            latent_image, seed, steps, cfg, sampler_name, scheduler, t_struct, denoise,
+            structure_vae, texture_vae, texture_scale)
+        return io.NodeOutput(latent, record)
+
+
+def _recording(model, record, sigma_table, expert: int):
+    m = model.clone()
+    logs = te.log_table(sigma_table)
+
+    def rec(executor, mdl, conds, x_in, timestep, model_options):
+        s = float(timestep.flatten()[0])
+        te.record_call(record, s, te.timestep_from_logs(s, logs), expert)
+        return executor(mdl, conds, x_in, timestep, model_options)
+    m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, REC_KEY, rec)
+    return m
+
+
+def struct_texture_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed, steps, cfg, sampler_name,
+                          scheduler, t_struct, denoise, structure_vae=None, texture_vae=None, texture_scale=1.0):
+    """Two stages on one schedule, exactly as the core KSamplerAdvanced chain (start/end step, leftover
+    noise). Across latent families or resolutions the handoff goes through the Coop bridge."""
+    import nodes as comfy_nodes  # ComfyUI's top-level nodes module
+    if _family_key(structure) != _family_key(texture) or abs(float(texture_scale) - 1.0) > 1e-9:
+        return _bridged_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed, steps, cfg,
+                               sampler_name, scheduler, t_struct, denoise, structure_vae, texture_vae, texture_scale)
+    table = _sigma_table(structure)
+    thresholds = te.parse_boundaries(str(t_struct), "timestep", 2, table, name="t_struct")
+    ks = comfy.samplers.KSampler(structure, steps=steps, device=structure.load_device, sampler=sampler_name,
+                                 scheduler=scheduler, denoise=denoise, model_options=structure.model_options)
+    sigmas = ks.sigmas.detach().cpu()
+    record = te.new_record(["structure", "texture"])
+    te.start_run(record, sigmas.tolist())
+    segs = te.split_schedule(sigmas, thresholds)
+    models = [_recording(structure, record, table, 0), _recording(texture, record, table, 1)]
+    conds = [(s_pos, s_neg), (t_pos, t_neg)]
+    out = latent
+    for k, (e, start, end) in enumerate(segs):
+        first, last = k == 0, k == len(segs) - 1
+        out = comfy_nodes.common_ksampler(
+            models[e], seed, steps, cfg, sampler_name, scheduler, conds[e][0], conds[e][1], out, denoise=denoise,
+            disable_noise=not first, start_step=start, last_step=end, force_full_denoise=last)[0]
+    return out, record
+
+
+def _bridged_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed, steps, cfg, sampler_name,
+                    scheduler, t_struct, denoise, structure_vae, texture_vae, texture_scale):
+    """Structure stage on its own schedule down to T_struct, Coop bridge (x̂0 → decode → resize → encode →
+    fresh noise at the equivalent level), texture stage on its own schedule from there."""
+    import comfy.sample
+    import latent_preview
+    import nodes as comfy_nodes
+    why = (f"latent family {_family_key(structure)[0]} → {_family_key(texture)[0]}"
+           if _family_key(structure) != _family_key(texture) else f"texture_scale {texture_scale:g}")
+    try:
+        from . import coop as coop_nodes
+        bridge = coop_nodes.bridge_latent
+    except (ImportError, AttributeError):
+        raise ValueError(f"texture_model: this handoff ({why}) needs the Coop bridge, which is not installed in this "
+                         "version of Atelier; use two models of one family at one resolution") from None
+    if structure_vae is None or texture_vae is None:
+        raise ValueError(f"structure_vae/texture_vae: this handoff ({why}) goes through the Coop bridge, which "
+                         "decodes and re-encodes: connect both models' VAEs")
+    table = _sigma_table(structure)
+    thresholds = te.parse_boundaries(str(t_struct), "timestep", 2, table, name="t_struct")
+    ks = comfy.samplers.KSampler(structure, steps=steps, device=structure.load_device, sampler=sampler_name,
+                                 scheduler=scheduler, denoise=denoise, model_options=structure.model_options)
+    sigmas = ks.sigmas.detach().cpu()
+    record = te.new_record(["structure", "texture"])
+    te.start_run(record, sigmas.tolist())
+    segs = te.split_schedule(sigmas, thresholds)
+    split = segs[0][2] if segs and segs[0][0] == 0 else 0
+    out = latent
+    s_model = _recording(structure, record, table, 0)
+    if split > 0:
+        last = split == len(sigmas) - 1
+        out = comfy_nodes.common_ksampler(s_model, seed, steps, cfg, sampler_name, scheduler, s_pos, s_neg, out,
+                                          denoise=denoise, start_step=0, last_step=split, force_full_denoise=last)[0]
+        if last:
+            return out, record
+    else:
+        out = dict(latent)
+        noise = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index"))
+        ms = structure.get_model_object("model_sampling")
+        z = structure.model.process_latent_in(latent["samples"].float())
+        out["samples"] = structure.model.process_latent_out(ms.noise_scaling(sigmas[0], noise, z))
+    sigma = float(sigmas[split])
+    bridged, sigma_to = bridge(out, sigma, structure, structure_vae, texture, texture_vae, float(texture_scale), seed,
+                               positive=s_pos, negative=s_neg, cfg=cfg)
+    t_ks = comfy.samplers.KSampler(texture, steps=steps, device=texture.load_device, sampler=sampler_name,
+                                   scheduler=scheduler, denoise=1.0, model_options=texture.model_options)
+    t_sig = t_ks.sigmas.detach().cpu()
+    t_sig = torch.cat([torch.tensor([sigma_to]), t_sig[t_sig < sigma_to - 1e-6]])
+    t_model = _recording(texture, record, _sigma_table(texture), 1)
+    samples = comfy.sample.sample_custom(
+        t_model, torch.zeros_like(bridged["samples"]), cfg, comfy.samplers.sampler_object(sampler_name), t_sig,
+        t_pos, t_neg, bridged["samples"], callback=latent_preview.prepare_callback(t_model, len(t_sig) - 1),
+        disable_pbar=True, seed=seed)
+    res = {k: v for k, v in bridged.items() if k != "samples"}
+    res["samples"] = samples
+    return res, record
+
+
+class AtelierDrawRoutes(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierDrawRoutes",
+            display_name="Atelier Draw Routes (diffusion paths)",
+            category=CATEGORY,
+            is_output_node=True,
+            description=(
+                "Draws a route record as an image (RAPHAEL's diffusion paths): one column per denoising call, left = "
+                "noisiest; the top band's colour is the time expert (white tick at a switch), the thin bar the noise "
+                "level, the lower band the space-expert regions when the record has them."
+            ),
+            inputs=[
+                Routes.Input("routes", tooltip="Route record from Atelier Time Experts / Time Router / Struct→Texture."),
+                io.Latent.Input("samples", tooltip="The LATENT of the sampler that used the routed model: only makes "
+                                                   "this node run after sampling."),
+                io.Int.Input("height", default=96, min=16, max=1024, tooltip="Image height in pixels."),
+                io.Int.Input("column_width", default=12, min=1, max=128, tooltip="Pixels per denoising call."),
+            ],
+            outputs=[
+                io.Image.Output("image", tooltip="The diffusion path of the latest run."),
+                io.String.Output("text", tooltip="One line per call: sigma, timestep, expert."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, routes, samples, height, column_width) -> io.NodeOutput:
+        if not isinstance(routes, dict) or routes.get("format") != te.FORMAT:
+            raise ValueError("routes: not an Atelier route record; connect the 'routes' output of a time-experts node")
+        img = te.draw_routes(routes, height=height, col_width=column_width)
+        names = routes.get("experts", [])
+        lines = [f"{i:3d}  sigma {c['sigma']:.4g}  t {c['timestep']:.1f}  {names[c['expert']] if c['expert'] < len(names) else c['expert']}"
+                 for i, c in enumerate(te.last_calls(routes))]
+        return io.NodeOutput(img, "\n".join(lines), ui=ui.PreviewImage(img, cls=cls))
+
+
+NODES = [AtelierTimeExperts, AtelierTimeRouter, AtelierStructTextureSampler, AtelierDrawRoutes]
