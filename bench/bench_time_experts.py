@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
-import math
 
 import harness
 

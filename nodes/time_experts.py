@@ -384,7 +384,6 @@ class AtelierTimeRouter(io.ComfyNode):
         if state is None:
             raise ValueError("model: not a routed MODEL; connect the MODEL output of Atelier Time Experts")
         ts = torch.linspace(0, 999, levels)
-        n = len(state.experts)
         if calibration == "fit_boundaries":
             tb = [te.T_MAX if math.isinf(th) else (0.0 if th <= 0 else te.sigma_to_timestep(th, state.sigma_table))
                   for th in state.thresholds]
