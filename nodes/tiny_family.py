@@ -147,8 +147,6 @@ def write_stock_sd15_checkpoint(path: str, seed: int = 0) -> None:
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({})
     seeded_init_(model.diffusion_model, seed)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
     seeded_init_(clip.cond_stage_model, seed + 1)

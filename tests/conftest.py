@@ -6,7 +6,6 @@ Without ComfyUI, tests that need it are skipped locally and fail under CI=true.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import uuid

@@ -5,31 +5,14 @@ import importlib
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from atelier_testlib import load_models  # noqa: E402
 
-
-def _load_models_package():
-    """models/ as package `atelier_models`, by file path (never the repo root on sys.path)."""
-    name = "atelier_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, ROOT / "models" / "__init__.py", submodule_search_locations=[str(ROOT / "models")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-_load_models_package()
-world = importlib.import_module("atelier_models.world")
-metrics = importlib.import_module("atelier_models.metrics")
+world, metrics = load_models("world", "metrics")
 
 
 def _line(x: int, size: int = 32) -> np.ndarray:

@@ -5,30 +5,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from atelier_testlib import load_models  # noqa: E402
 
-
-def _load_models_package():
-    name = "atelier_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, ROOT / "models" / "__init__.py", submodule_search_locations=[str(ROOT / "models")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-_load_models_package()
-lep = importlib.import_module("atelier_models.lep")
-world = importlib.import_module("atelier_models.world")
+lep, world = load_models("lep", "world")
 
 
 # ----------------------------------------------------------------------------- pure

@@ -1,32 +1,14 @@
 """The generated world (models/world.py): determinism, captions, ground truth."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from atelier_testlib import load_models  # noqa: E402
 
-
-def _load_models_package():
-    """models/ as package `atelier_models`, by file path (never the repo root on sys.path)."""
-    name = "atelier_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, ROOT / "models" / "__init__.py", submodule_search_locations=[str(ROOT / "models")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-_load_models_package()
-world = importlib.import_module("atelier_models.world")
+world = load_models("world")
 
 N = 200
 

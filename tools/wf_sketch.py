@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from wf_basic import SD15, txt2img
+from wf_basic import txt2img
 
 LEP_NAME = "sd15_sketch_lep"
 
