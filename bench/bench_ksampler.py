@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-full", action="store_true", help="skip the full-size SD1.5 rows")
+    ap.add_argument("--full-steps", type=int, default=None, help="steps of the full-size rows (default 4)")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="full-size rows to run (bf16 is very slow on CPUs without AMX)")
     ns = ap.parse_args()
     quick = harness.quick()
     h = harness.boot()
@@ -65,12 +67,13 @@ def main():
         rows.append({"case": f"tiny-{family} {px}px fp32", "steps": steps, **t, "per_step_s": t["median_s"] / steps})
 
     if not ns.no_full:
-        full_steps = ns.steps or (2 if quick else 4)
+        full_steps = ns.full_steps or ns.steps or (2 if quick else 4)
         full_reps = ns.repeats or (1 if quick else 2)
         cond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(1)), {}]]
         uncond = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2)), {}]]
         latent = {"samples": torch.zeros(1, 4, 32, 32)}
-        for dtype in (torch.float32, torch.bfloat16):
+        wanted = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        for dtype in [wanted[d] for d in ns.dtypes.split(",")]:
             model = build_full_sd15(dtype)
             t = harness.timeit(lambda: ksampler(model, cond, uncond, latent, full_steps), repeats=full_reps)
             name = "fp32" if dtype == torch.float32 else "bf16"
@@ -78,9 +81,9 @@ def main():
                          "per_step_s": t["median_s"] / full_steps})
             del model
             gc.collect()
-        fp32 = next(r for r in rows if r["case"] == "full-sd15 256px fp32")
+        fp32 = next((r for r in rows if r["case"] == "full-sd15 256px fp32"), None)
         for r in rows:
-            if r["case"].startswith("full-sd15"):
+            if fp32 and r["case"].startswith("full-sd15"):
                 r["ratio"] = r["per_step_s"] / fp32["per_step_s"]
     harness.report("ksampler_baseline", rows, {"note": "cfg 7, euler/normal; per_step_s includes cond+uncond"})
 
