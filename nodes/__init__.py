@@ -8,7 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 
 # One module per feature; each exports NODES. A feature whose optional dependency is missing
 # logs why and is skipped, so the rest of the pack still loads.
-FEATURES = ["tiny", "metrics", "knn", "sketch", "time_experts", "space_experts", "coop"]
+FEATURES = ["tiny", "mini", "metrics", "knn", "sketch", "time_experts", "space_experts", "coop"]
 
 
 def collect_nodes() -> list[type[io.ComfyNode]]:

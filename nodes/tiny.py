@@ -77,14 +77,16 @@ NODES = [AtelierTinyCheckpointLoader, AtelierTinyUnCLIPCheckpointLoader]
 
 def _tiny_prompt_handler(json_data: dict) -> dict:
     if isinstance(json_data.get("prompt"), dict):
-        json_data["prompt"] = substitute_tiny(json_data["prompt"])
+        mini = os.environ.get("ATELIER_TINY_MODELS") == "mini"
+        json_data["prompt"] = substitute_tiny(json_data["prompt"], mini=mini)
     return json_data
 
 
 def _install_tiny_mode() -> None:
     """ATELIER_TINY_MODELS=1: the server swaps checkpoint loaders for the tiny models in every
-    queued prompt (demos and browser tests on machines without weights). Off by default."""
-    if os.environ.get("ATELIER_TINY_MODELS") != "1":
+    queued prompt (browser tests on machines without weights); ATELIER_TINY_MODELS=mini: for
+    Atelier Mini (demos, the gallery). Off by default."""
+    if os.environ.get("ATELIER_TINY_MODELS") not in ("1", "mini"):
         return
     try:
         from server import PromptServer
@@ -93,7 +95,8 @@ def _install_tiny_mode() -> None:
     if getattr(PromptServer, "instance", None) is None:
         return
     PromptServer.instance.add_on_prompt_handler(_tiny_prompt_handler)
-    logging.warning("[Atelier] ATELIER_TINY_MODELS=1: checkpoint loaders run the tiny seeded models.")
+    logging.warning("[Atelier] ATELIER_TINY_MODELS=%s: checkpoint loaders run %s.", os.environ["ATELIER_TINY_MODELS"],
+                    "Atelier Mini" if os.environ["ATELIER_TINY_MODELS"] == "mini" else "the tiny seeded models")
 
 
 _install_tiny_mode()

@@ -2,8 +2,8 @@
 """Atelier's command line: set-up, demo, headless workflow runs, tests and benches.
 
     python tools/atelier.py setup            # install everything, link the pack, run the demo
-    python tools/atelier.py demo             # run every example workflow on the tiny models
-    python tools/atelier.py run WF.json [--tiny] [--out DIR]
+    python tools/atelier.py demo [--tiny]    # run every example workflow on Atelier Mini (or the tiny models)
+    python tools/atelier.py run WF.json [--tiny | --mini] [--out DIR]
     python tools/atelier.py test [-- PYTEST ARGS]
     python tools/atelier.py bench [NAME]
     python tools/atelier.py gallery          # screenshots of every workflow run in the real frontend
@@ -126,13 +126,13 @@ def _print_table(rows: list[tuple[str, str, str, str]]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 
 
-def run_workflows(paths: list[Path], tiny: bool, out_dir: Path) -> int:
+def run_workflows(paths: list[Path], tiny: bool, out_dir: Path, mini: bool = False) -> int:
     headless, h = _headless(out_dir)
     rows, failed = [], 0
     for path in paths:
         t0 = time.perf_counter()
         try:
-            result = h.run_workflow(path, tiny=tiny)
+            result = h.run_workflow(path, tiny=tiny or mini, mini=mini)
             status, n = "ok", len(result["images"])
         except (headless.WorkflowError, ValueError) as e:
             status, n, failed = f"FAILED: {e}", 0, failed + 1
@@ -149,11 +149,14 @@ def cmd_demo(ns) -> int:
     if not paths:
         print("[atelier] no workflows in workflows/", file=sys.stderr)
         return 1
-    return run_workflows(paths, tiny=True, out_dir=Path(ns.out).resolve())
+    mini = not getattr(ns, "tiny", False)
+    print(f"[atelier] demo: every workflow in workflows/ on {'Atelier Mini' if mini else 'the tiny seeded models'}",
+          flush=True)
+    return run_workflows(paths, tiny=True, mini=mini, out_dir=Path(ns.out).resolve())
 
 
 def cmd_run(ns) -> int:
-    return run_workflows([Path(p) for p in ns.workflow], tiny=ns.tiny, out_dir=Path(ns.out).resolve())
+    return run_workflows([Path(p) for p in ns.workflow], tiny=ns.tiny, mini=ns.mini, out_dir=Path(ns.out).resolve())
 
 
 def cmd_test(ns) -> int:
@@ -183,7 +186,7 @@ def cmd_gallery(ns) -> int:
     import browser
     paths = sorted((ROOT / "workflows").glob("*.json"))
     out = ROOT / "docs" / "gallery"
-    rows = browser.make_gallery(paths, out)
+    rows = browser.make_gallery(paths, out, mode="mini")
     _print_table([(r["workflow"], f"{r['seconds']:.2f}", str(r["images"]), "ok" if r["ok"] else "FAILED") for r in rows])
     print(f"\nscreenshots in {out.relative_to(ROOT)}/")
     return 0 if all(r["ok"] for r in rows) else 1
@@ -208,12 +211,15 @@ def main(argv=None) -> int:
     s.add_argument("--browser", action="store_true", help="also install chromium (apt) for the browser tests")
     s.add_argument("--out", default=str(ROOT / "out" / "demo"), help="where the demo writes images")
     s.set_defaults(fn=cmd_setup)
-    d = sub.add_parser("demo", help="run every example workflow headless on the tiny models")
+    d = sub.add_parser("demo", help="run every example workflow headless on Atelier Mini")
     d.add_argument("--out", default=str(ROOT / "out" / "demo"))
+    d.add_argument("--tiny", action="store_true", help="the random tiny models instead of Atelier Mini (plumbing only)")
     d.set_defaults(fn=cmd_demo)
     r = sub.add_parser("run", help="run UI-format workflow files headless")
     r.add_argument("workflow", nargs="+")
-    r.add_argument("--tiny", action="store_true", help="replace checkpoint loaders with the tiny seeded models")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--tiny", action="store_true", help="replace checkpoint loaders with the tiny seeded models")
+    g.add_argument("--mini", action="store_true", help="replace checkpoint loaders with Atelier Mini (trained, shipped)")
     r.add_argument("--out", default=str(ROOT / "out" / "run"))
     r.set_defaults(fn=cmd_run)
     t = sub.add_parser("test", help="run the test suite")

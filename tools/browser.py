@@ -51,7 +51,9 @@ def _free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, comfy_path: Path | None = None, base_dir: Path | None = None, tiny: bool = True):
+    def __init__(self, comfy_path: Path | None = None, base_dir: Path | None = None, tiny: bool | str = True):
+        """``tiny``: True runs the tiny seeded models in place of checkpoints, "mini" Atelier Mini,
+        False the real checkpoint files."""
         self.comfy_path = Path(comfy_path) if comfy_path else comfy_env.find_comfyui(verbose=False)
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="atelier_server_"))
         self.port = _free_port()
@@ -69,7 +71,7 @@ class ComfyServer:
         example = self.comfy_path / "input" / "example.png"
         if example.is_file():
             shutil.copy(example, self.base / "input" / "example.png")
-        env = dict(os.environ, ATELIER_TINY_MODELS="1" if self.tiny else "0", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, ATELIER_TINY_MODELS="mini" if self.tiny == "mini" else ("1" if self.tiny else "0"), PYTHONUNBUFFERED="1")
         env.pop("PYTHONSAFEPATH", None)  # main.py imports its siblings from its own folder
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch",
@@ -286,10 +288,11 @@ def output_images(history: dict) -> list[dict]:
     return out
 
 
-def make_gallery(workflows: list[Path], out_dir: Path, comfy_path: Path | None = None) -> list[dict]:
-    """Run every workflow in the real frontend and save a screenshot of the graph with its result."""
+def make_gallery(workflows: list[Path], out_dir: Path, comfy_path: Path | None = None, mode: bool | str = "mini") -> list[dict]:
+    """Run every workflow in the real frontend and save a screenshot of the graph with its result
+    (``mode``: "mini" draws with Atelier Mini, True with the tiny seeded models)."""
     rows = []
-    with ComfyServer(comfy_path=comfy_path) as srv, Frontend(srv) as front:
+    with ComfyServer(comfy_path=comfy_path, tiny=mode) as srv, Frontend(srv) as front:
         for path in workflows:
             wf = json.loads(Path(path).read_text())
             r = run_workflow_in_browser(front, wf)

@@ -142,14 +142,15 @@ class Headless:
         except json.JSONDecodeError as e:
             raise WorkflowError(f"workflow {path} is not valid JSON ({e}).") from None
 
-    def to_prompt(self, workflow: dict, tiny: bool = False) -> dict:
-        """UI-format workflow -> API-format prompt, using the live node definitions."""
+    def to_prompt(self, workflow: dict, tiny: bool = False, mini: bool = False) -> dict:
+        """UI-format workflow -> API-format prompt, using the live node definitions; ``tiny``
+        points the checkpoint loaders at the tiny seeded models, ``tiny`` + ``mini`` at Atelier Mini."""
         if "nodes" not in workflow:  # already API format
             prompt = json.loads(json.dumps(workflow))
         else:
             prompt = ui_to_api.convert(workflow, self.node_classes)
         if tiny:
-            prompt = ui_to_api.substitute_tiny(prompt)
+            prompt = ui_to_api.substitute_tiny(prompt, mini=mini)
         return prompt
 
     def validate(self, prompt: dict) -> list[str]:
@@ -173,10 +174,11 @@ class Headless:
             raise WorkflowError(format_execution_error(self.executor.status_messages))
         return {"prompt_id": prompt_id, "outputs": self.executor.history_result["outputs"], "seconds": seconds}
 
-    def run_workflow(self, workflow: dict | str | os.PathLike, tiny: bool = False, extra_data: dict | None = None) -> dict:
+    def run_workflow(self, workflow: dict | str | os.PathLike, tiny: bool = False, extra_data: dict | None = None,
+                     mini: bool = False) -> dict:
         if not isinstance(workflow, dict):
             workflow = self.load_workflow(workflow)
-        prompt = self.to_prompt(workflow, tiny=tiny)
+        prompt = self.to_prompt(workflow, tiny=tiny, mini=mini)
         # Like the frontend: the workflow travels with the prompt, so saved PNGs carry it.
         extra = {"extra_pnginfo": {"workflow": workflow}} if "nodes" in workflow else {}
         extra.update(extra_data or {})

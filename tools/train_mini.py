@@ -1,0 +1,551 @@
+"""Train Atelier Mini: a tiny latent-diffusion family on the generated world (CPU-friendly).
+
+    nohup nice -n 5 python tools/train_mini.py --family sd15 --steps 6000 > out/train_sd15.log 2>&1 &
+
+Recipe (one run = three phases, each resumable):
+  1. data: ``--data`` world training samples at the family's native size (cached in the
+     checkpoint folder), captions tokenised by the family's own tokenizer.
+  2. vae:  the TAESD-type encoder/decoder on 8-px-aligned 32-px crops (L1 + MSE reconstruction,
+     small latent L2 and decoder noise augmentation); then ``vae_scale``/``vae_shift`` are set so
+     that the latents times the family's latent-format scale factor have mean 0 and std 1.
+  3. unet: UNet + text encoder jointly, eps-prediction on the model's own discrete schedule
+     (``model_sampling``), 10% caption dropout (for CFG), AdamW, warmup + cosine LR, EMA.
+The forward pass is ComfyUI's own modules (diffusion_model, cond_stage_model, TAESD) from
+``nodes/tiny_family.py``, so the weights load into exactly these classes. Everything random is
+drawn from generators seeded by (seed, step): a resumed run continues the same sequence.
+Checkpoints (safetensors + JSON, no pickle) go to ``out/mini_ckpt/<family>_seed<seed>/``;
+the result is written with ``models/mini_format.py`` (8-bit weights, used token rows only).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (ROOT, HERE)]
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+log = logging.getLogger("atelier.train_mini")
+
+DEFAULTS = {  # per family: native px, data size, batch sizes, learning rate
+    "sd15": {"px": 64, "data": 12000, "batch": 64, "vae_batch": 16, "lr": 5e-4},
+    "sdxl": {"px": 128, "data": 6000, "batch": 32, "vae_batch": 32, "lr": 5e-4},
+}
+CROP = 32
+CAPTION_DROP = 0.1
+EMA_DECAY = 0.995
+VAE_LR = 1e-3
+VAE_NOISE = 0.1
+VAE_L2 = 1e-3
+ZERO_INIT = ("out_layers.3.", "proj_out.", "out.2.")  # residual outputs start at zero (as in SD)
+
+
+# ------------------------------------------------------------------------------------------
+# setup
+
+def _import_pack() -> str:
+    """Import ComfyUI's core (CPU) and this checkout as a package, without registering nodes:
+    training needs the model classes only, not a working node set."""
+    import importlib.util
+    import comfy_env
+    sys.path.insert(0, str(comfy_env.find_comfyui(verbose=False)))
+    saved, sys.argv = sys.argv, ["main.py", "--cpu"]
+    try:
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parses --cpu)
+        import utils.extra_config  # noqa: F401  (before comfy/ lands on sys.path, as main.py does)
+    finally:
+        sys.argv = saved
+    name = "atelier_train_pack"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return name
+
+
+def comfy_modules():
+    """(tiny_family, world, mini_format): from the booted headless ComfyUI when there is one (tests),
+    else from a bare import of ComfyUI's core and this checkout."""
+    import headless
+    h = headless.Headless.current()
+    pkg = h.pack_module.__name__ if h is not None else _import_pack()
+    return (importlib.import_module(pkg + ".nodes.tiny_family"), importlib.import_module(pkg + ".models.world"),
+            importlib.import_module(pkg + ".models.mini_format"))
+
+
+def gen(seed: int, stream: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + stream * 7_919 + step) % (2 ** 63))
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+# ------------------------------------------------------------------------------------------
+# data
+
+def load_data(world, clip, family: str, seed: int, n: int, px: int, cache_dir: Path | None):
+    """Images (N,H,W,3) uint8, captions, and token ids {"l"/"g": (N,77) long} (+ empty-caption ids)."""
+    cache = cache_dir / f"data_{family}_px{px}_seed{seed}_n{n}.npz" if cache_dir else None
+    bigger = sorted(cache_dir.glob(f"data_{family}_px{px}_seed{seed}_n*.npz"),
+                    key=lambda p: int(p.stem.rsplit("_n", 1)[1])) if cache_dir and cache_dir.is_dir() else []
+    bigger = [p for p in bigger if int(p.stem.rsplit("_n", 1)[1]) >= n]
+    if bigger:  # samples are a pure function of (seed, index): the first n of a larger set are the same
+        z = np.load(bigger[0], allow_pickle=False)
+        images, captions = z["images"][:n], [str(c) for c in z["captions"][:n]]
+    else:
+        from tqdm import tqdm
+        images = np.empty((n, px, px, 3), np.uint8)
+        captions = []
+        for i in tqdm(range(n), desc=f"render {family} world", unit="img", mininterval=5):
+            s = world.sample(seed, i, px)
+            images[i] = s.image
+            captions.append(s.caption)
+        if cache:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez(tmp, images=images, captions=np.array(captions))
+            tmp.replace(cache)
+    memo: dict[str, dict] = {}
+
+    def ids(text: str) -> dict[str, list[int]]:
+        if text not in memo:
+            memo[text] = {k: [t for t, _w in sec[0]] for k, sec in clip.tokenize(text).items()}
+        return memo[text]
+
+    per = [ids(c) for c in captions]
+    toks = {k: torch.tensor([p[k] for p in per], dtype=torch.long) for k in per[0]}
+    empty = {k: torch.tensor(v, dtype=torch.long) for k, v in ids("").items()}
+    return images, captions, toks, empty
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints (safetensors + json: resumable, no pickle)
+
+class Checkpoint:
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def path(self, phase: str) -> Path:
+        return self.folder / f"{phase}.safetensors"
+
+    def save(self, phase: str, step: int, tensors: dict, opt: torch.optim.Optimizer | None, info: dict):
+        from safetensors.torch import save_file
+        flat = {f"p.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
+        if opt is not None:
+            # keyed by the parameter's index in the group: parameters that never got a gradient
+            # (unused text-encoder rows/layers) have no state, so an enumeration would shift them
+            for idx, st in opt.state_dict()["state"].items():
+                for name, v in st.items():
+                    flat[f"opt.{idx}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(phase).with_suffix(".tmp")
+        save_file(flat, str(tmp), metadata={"info": json.dumps({**info, "step": step, "opt_keys": "index"})})
+        tmp.replace(self.path(phase))
+
+    def load(self, phase: str, opt: torch.optim.Optimizer | None):
+        from safetensors import safe_open
+        p = self.path(phase)
+        if not p.is_file():
+            return None
+        with safe_open(str(p), "pt") as f:
+            info = json.loads(f.metadata()["info"])
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k[2:]: v for k, v in flat.items() if k.startswith("p.")}
+        if opt is not None:
+            sd = opt.state_dict()
+            saved = {}
+            for k, v in flat.items():
+                if k.startswith("opt."):
+                    _, i, name = k.split(".", 2)
+                    saved.setdefault(int(i), {})[name] = v
+            if info.get("opt_keys") != "index":
+                saved = _realign_old_state(saved, opt)
+            sd["state"] = saved
+            opt.load_state_dict(sd)
+        return info, tensors
+
+
+def _realign_old_state(saved: dict, opt: torch.optim.Optimizer) -> dict:
+    """Checkpoints written before the states were keyed by parameter index numbered them
+    0..n-1 skipping stateless parameters; put each back on the parameter whose shape it has."""
+    params = opt.param_groups[0]["params"]
+    out, j = {}, 0
+    for i in sorted(saved):
+        while j < len(params) and saved[i]["exp_avg"].shape != params[j].shape:
+            j += 1
+        if j == len(params):
+            log.warning("optimizer state of this checkpoint does not fit: starting the moments afresh")
+            return {}
+        out[j] = saved[i]
+        j += 1
+    return out
+
+
+def set_lr(opt, lr: float, step: int, total: int, warmup: int, schedule: str = "cosine"):
+    """Linear warmup, then cosine down to 10% ("cosine") or constant ("const": a run stopped
+    early at step k equals a run with --steps k, so the UNet phase can be cut to the time left)."""
+    if step < warmup:
+        f = (step + 1) / warmup
+    elif schedule == "const":
+        f = 1.0
+    else:
+        f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    for g in opt.param_groups:
+        g["lr"] = lr * f
+
+
+# ------------------------------------------------------------------------------------------
+# phase 1: VAE
+
+def borrow_vae(taesd, folder: Path, seed: int):
+    """Take another family's trained TAESD (its checkpoint folder) and give it a different latent
+    space: a seeded signed permutation of the 4 latent channels (encoder output rows and decoder
+    input columns). Exact, because the decoder's input clamp is odd and elementwise."""
+    got = Checkpoint(Path(folder)).load("vae", None)
+    if not got:
+        raise FileNotFoundError(f"--vae-from: no vae.safetensors in {folder}")
+    taesd.load_state_dict(got[1])
+    g = gen(seed, 3, 0)
+    perm = torch.randperm(4, generator=g)
+    sign = torch.where(torch.rand(4, generator=g) < 0.5, -1.0, 1.0)
+    enc, dec = taesd.taesd_encoder[-1], taesd.taesd_decoder[1]
+    with torch.no_grad():
+        enc.weight.copy_(enc.weight[perm] * sign.view(4, 1, 1, 1))
+        enc.bias.copy_(enc.bias[perm] * sign)
+        dec.weight.copy_(dec.weight[:, perm] * sign.view(1, 4, 1, 1))
+    log.info("vae: borrowed from %s (step %s), channels permuted %s, signs %s", folder, got[0]["step"],
+             perm.tolist(), sign.tolist())
+    return got[0]
+
+
+def train_vae(taesd, images: np.ndarray, seed: int, steps: int, batch: int, ckpt: Checkpoint | None,
+              every: int, resume: bool, curve: list, log_every: int = 50):
+    from tqdm import tqdm
+    params = list(taesd.taesd_encoder.parameters()) + list(taesd.taesd_decoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=VAE_LR, weight_decay=0.0, fused=True)
+    start, prev = 0, 0.0
+    if resume and ckpt:
+        got = ckpt.load("vae", opt)
+        if got:
+            info, tensors = got
+            taesd.load_state_dict(tensors)
+            start, curve[:] = info["step"], info.get("curve", [])
+            prev = info.get("seconds", 0.0)
+            log.info("vae: resumed at step %d", start)
+    n, px = images.shape[0], images.shape[1]
+    cells = (px - CROP) // 8 + 1
+    t0 = time.time() - prev
+    bar = tqdm(range(start, steps), desc="vae", initial=start, total=steps, mininterval=10)
+    avg = None
+    for step in bar:
+        g = gen(seed, 1, step)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        oy = torch.randint(0, cells, (batch,), generator=g) * 8
+        ox = torch.randint(0, cells, (batch,), generator=g) * 8
+        crops = np.stack([images[i, y:y + CROP, x:x + CROP] for i, y, x in zip(idx.tolist(), oy.tolist(), ox.tolist())])
+        x = to_tensor(crops)
+        set_lr(opt, VAE_LR, step, steps, min(50, steps // 5 + 1))
+        u = taesd.taesd_encoder(x)
+        rec = taesd.taesd_decoder(u + VAE_NOISE * torch.randn(u.shape, generator=g))
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + VAE_L2 * u.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{avg:.4f}")
+        if (step + 1) % log_every == 0:
+            curve.append([step + 1, round(loss.item() if log_every == 1 else avg, 5)])
+        if ckpt and ((step + 1) % every == 0 or step + 1 == steps):
+            ckpt.save("vae", step + 1, taesd.state_dict(), opt, {"curve": curve, "seconds": time.time() - t0})
+    for p in params:
+        p.requires_grad_(False)
+    return {"loss": avg, "steps": steps, "seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def encode_all(taesd, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """Raw encoder outputs u for every image (N, 4, H/8, W/8)."""
+    from tqdm import tqdm
+    out = [taesd.taesd_encoder(to_tensor(images[i:i + batch]))
+           for i in tqdm(range(0, len(images), batch), desc="encode", mininterval=10)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def calibrate(taesd, u: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """Set vae_scale/vae_shift so that z * scale_factor ~ mean 0, std 1; return model-space x0."""
+    m, s = u.mean().item(), u.std().item()
+    taesd.vae_scale.fill_(s * scale_factor)
+    taesd.vae_shift.fill_(-m / (s * scale_factor))
+    z = u / taesd.vae_scale + taesd.vae_shift  # what TAESD.encode returns (ComfyUI's LATENT)
+    log.info("vae latent: raw mean %.3f std %.3f -> vae_scale %.4f vae_shift %.4f", m, s,
+             taesd.vae_scale.item(), taesd.vae_shift.item())
+    return z * scale_factor
+
+
+# ------------------------------------------------------------------------------------------
+# phase 2: UNet + text encoder
+
+def encode_text(cond_model, family: str, toks: dict[str, torch.Tensor]):
+    """(context, pooled) exactly as ComfyUI's CLIP.encode_from_tokens computes them (weights 1)."""
+    if family == "sd15":
+        return cond_model.clip_l(toks["l"].tolist())
+    l_out, _ = cond_model.clip_l(toks["l"].tolist())
+    g_out, g_pooled = cond_model.clip_g(toks["g"].tolist())
+    return torch.cat([l_out, g_out], dim=-1), g_pooled
+
+
+def eps_loss(base, cond_model, family: str, px: int, x0, toks, g: torch.Generator):
+    """One eps-prediction loss on ComfyUI's discrete schedule."""
+    ms = base.model_sampling
+    b = x0.shape[0]
+    t = torch.randint(0, len(ms.sigmas), (b,), generator=g)
+    sigma = ms.sigmas[t].float()
+    eps = torch.randn(x0.shape, generator=g)
+    xt = x0 + eps * sigma.view(-1, 1, 1, 1)
+    context, pooled = encode_text(cond_model, family, toks)
+    y = base.encode_adm(pooled_output=pooled, width=px, height=px) if family == "sdxl" else None
+    out = base.diffusion_model(ms.calculate_input(sigma, xt), ms.timestep(sigma).float(), context=context, y=y)
+    return F.mse_loss(out.float(), eps)
+
+
+def _clip_layer_forward(self, x, mask=None, optimized_attention=None):
+    """comfy.clip_model.CLIPLayer.forward without its in-place adds (which autograd rejects)."""
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+def make_trainable_clip(cond_model):
+    """Give this instance's CLIP layers an out-of-place forward (same maths; instance-only patch)."""
+    import types
+    import comfy.clip_model
+    for m in cond_model.modules():
+        if isinstance(m, comfy.clip_model.CLIPLayer):
+            m.forward = types.MethodType(_clip_layer_forward, m)
+
+
+def trainable(base, cond_model) -> dict[str, torch.nn.Parameter]:
+    named = {f"unet.{k}": p for k, p in base.diffusion_model.named_parameters()}
+    named.update({f"clip.{k}": p for k, p in cond_model.named_parameters()})
+    return named
+
+
+def train_unet(base, cond_model, family: str, px: int, x0_all, toks, empty, seed: int, steps: int,
+               batch: int, lr: float, ckpt: Checkpoint | None, every: int, resume: bool, curve: list,
+               log_every: int = 100):
+    from tqdm import tqdm
+    make_trainable_clip(cond_model)
+    named = trainable(base, cond_model)
+    params = list(named.values())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
+    ema = {k: p.detach().clone() for k, p in named.items()}
+    start, prev = 0, 0.0
+    if resume and ckpt:
+        got = ckpt.load("unet", opt)
+        if got:
+            info, tensors = got
+            with torch.no_grad():
+                for k, p in named.items():
+                    p.copy_(tensors[k])
+                    ema[k] = tensors["ema." + k].clone()
+            start, curve[:] = info["step"], info.get("curve", [])
+            prev = info.get("seconds", 0.0)
+            log.info("unet: resumed at step %d", start)
+    n = x0_all.shape[0]
+    t0 = time.time() - prev
+    bar = tqdm(range(start, steps), desc=f"unet {family}", initial=start, total=steps, mininterval=10)
+    avg, done = None, max(start, 0)
+    if start >= steps:
+        done = start
+    for step in bar:
+        g = gen(seed, 2, step)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        drop = torch.rand(batch, generator=g) < CAPTION_DROP
+        tk = {k: torch.where(drop[:, None], empty[k][None], v[idx]) for k, v in toks.items()}
+        set_lr(opt, lr, step, steps, min(200, steps // 10 + 1), "const")
+        loss = eps_loss(base, cond_model, family, px, x0_all[idx], tk, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, p in named.items():
+                ema[k].lerp_(p.detach(), 1 - decay)
+        avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
+        bar.set_postfix(loss=f"{avg:.4f}")
+        if (step + 1) % log_every == 0:
+            curve.append([step + 1, round(loss.item() if log_every == 1 else avg, 5)])
+            if log_every > 1:
+                log.info("unet step %d loss %.4f", step + 1, avg)
+        done = step + 1
+        stop = ckpt is not None and (ckpt.folder / "STOP").exists()
+        if ckpt and (done % every == 0 or done == steps or stop):
+            tensors = {**{k: p for k, p in named.items()}, **{"ema." + k: v for k, v in ema.items()}}
+            ckpt.save("unet", done, tensors, opt, {"curve": curve, "seconds": time.time() - t0})
+        if stop:
+            log.info("unet: STOP file found; stopping at step %d", done)
+            break
+    with torch.no_grad():  # ship the EMA weights
+        for k, p in named.items():
+            p.requires_grad_(False)
+            p.copy_(ema[k])
+    return {"loss": avg, "steps": done, "seconds": time.time() - t0}
+
+
+# ------------------------------------------------------------------------------------------
+# the whole run
+
+def train(family: str, seed: int = 0, steps: int = 6000, vae_steps: int = 600, data: int | None = None,
+          batch: int | None = None, lr: float | None = None, out: str | Path | None = None,
+          ckpt_dir: str | Path | None = None, resume: bool = False, every: int = 250,
+          vae_batch: int | None = None, log_every: int | None = None, vae_from: str | Path | None = None) -> dict:
+    """Train one family; write the Mini file to ``out`` (if given); return a summary dict.
+
+    ``log_every``: loss-curve interval (default 50 VAE / 100 UNet steps; 1 records every step's
+    raw loss instead of the running mean)."""
+    tiny, world, fmt = comfy_modules()
+    d = DEFAULTS[family]
+    data, batch, lr = data or d["data"], batch or d["batch"], lr or d["lr"]
+    vae_batch = vae_batch or d["vae_batch"]
+    px = tiny.FAMILIES[family]["native_px"]
+    ckpt = Checkpoint(Path(ckpt_dir)) if ckpt_dir else None
+    t0 = time.time()
+    torch.manual_seed(seed)
+
+    patcher = tiny.build_model(family, seed)
+    base = patcher.model
+    with torch.no_grad():
+        for name, p in base.diffusion_model.named_parameters():
+            if any(z in name for z in ZERO_INIT):
+                p.zero_()
+    clip = tiny.build_clip(family, seed)
+    cond_model = clip.cond_stage_model
+    import comfy.taesd.taesd
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+    taesd.load_state_dict(tiny.taesd_state_dict(seed, tiny.FAMILIES[family]["vae_scale"]))
+
+    images, captions, toks, empty = load_data(world, clip, family, seed, data, px, ckpt.folder if ckpt else None)
+    log.info("data: %d images at %d px, %d distinct captions (%.0f s)", len(images), px, len(set(captions)),
+             time.time() - t0)
+
+    vae_curve: list = []
+    if vae_from:
+        info = borrow_vae(taesd, Path(vae_from), seed)
+        vae_curve, vae_steps, vae_loss, vae_seconds = info.get("curve", []), info["step"], None, 0.0
+    else:
+        r = train_vae(taesd, images, seed, vae_steps, vae_batch, ckpt, every, resume, vae_curve, log_every or 50)
+        vae_loss, vae_seconds = r["loss"], r["seconds"]
+    t_vae = time.time() - t0
+    scale_factor = base.latent_format.scale_factor
+    x0_all = calibrate(taesd, encode_all(taesd, images), scale_factor).float()
+    log.info("vae done: loss %s, %.0f s", vae_loss, t_vae)
+
+    unet_curve: list = []
+    r = train_unet(base, cond_model, family, px, x0_all, toks, empty, seed, steps, batch, lr,
+                   ckpt, every, resume, unet_curve, log_every or 100)
+    unet_loss, steps = r["loss"], r["steps"]
+    if unet_loss is None and unet_curve:  # nothing left to train (export of a finished checkpoint)
+        unet_loss = unet_curve[-1][1]
+    if vae_loss is None and vae_curve:
+        vae_loss = vae_curve[-1][1]
+    seconds = vae_seconds + r["seconds"]
+    summary = {
+        "family": family, "seed": seed, "steps": steps, "vae_steps": vae_steps, "batch": batch,
+        "vae_batch": vae_batch, "vae_from": str(vae_from or ""), "lr": lr, "data": data, "px": px,
+        "train_seconds": round(seconds, 1), "hardware": hardware(),
+        "final_vae_loss": vae_loss, "final_unet_loss": unet_loss,
+        "vae_curve": vae_curve, "unet_curve": unet_curve,
+    }
+    if out:
+        write_weights(out, fmt, family, base, cond_model, taesd, toks, empty, summary, world)
+    return summary
+
+
+def write_weights(path, fmt, family, base, cond_model, taesd, toks, empty, summary, world):
+    from safetensors.torch import save_file
+    ids = torch.cat([v.flatten() for v in toks.values()] + [v.flatten() for v in empty.values()]).unique()
+    emb_keys = tuple(f"clip.{k}" for k in cond_model.state_dict() if k.endswith("token_embedding.weight"))
+    flat = fmt.pack({"unet": base.diffusion_model.state_dict(), "clip": cond_model.state_dict(),
+                     "vae": taesd.state_dict()}, token_ids=ids, embedding_keys=emb_keys)
+    meta = {k: str(summary[k]) for k in ("family", "seed", "steps", "vae_steps", "batch", "lr", "data", "px",
+                                         "train_seconds", "hardware", "vae_from")}
+    meta.update({"format": fmt.FORMAT, "vocabulary": json.dumps(list(world.VOCABULARY)),
+                 "loss": json.dumps({"vae": summary["final_vae_loss"], "unet": summary["final_unet_loss"]}),
+                 "curve": json.dumps({"vae": summary["vae_curve"][-40:], "unet": summary["unet_curve"][-200:]}),
+                 "storage": "int8 per-output-channel weights (rank>=2, >=4096 elements), fp16 rest; "
+                            "token embeddings: used rows only",
+                 "recipe": "tools/train_mini.py",
+                 "train_seconds_note": "VAE + UNet phase wall time (world rendering and latent encoding "
+                                       "excluded); on a shared machine"})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(flat, str(tmp), metadata=meta)
+    tmp.replace(path)
+    log.info("wrote %s (%.2f MB)", path, path.stat().st_size / 1e6)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", choices=sorted(DEFAULTS), required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=6000, help="UNet + text encoder steps")
+    ap.add_argument("--vae-steps", type=int, default=250)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--vae-from", default=None,
+                    help="checkpoint folder of another family's run: reuse its VAE with permuted latent channels")
+    ap.add_argument("--data", type=int, default=None, help="world samples to train on")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--every", type=int, default=250, help="checkpoint every N steps")
+    ap.add_argument("--out", default=None, help="weights file (default weights/atelier_mini_<family>.safetensors)")
+    ap.add_argument("--ckpt-dir", default=None, help="default out/mini_ckpt/<family>_seed<seed>")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --ckpt-dir")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    out = args.out or ROOT / "weights" / f"atelier_mini_{args.family}.safetensors"
+    ckpt_dir = args.ckpt_dir or ROOT / "out" / "mini_ckpt" / f"{args.family}_seed{args.seed}"
+    summary = train(args.family, args.seed, args.steps, args.vae_steps, args.data, args.batch, args.lr, out,
+                    ckpt_dir, args.resume, args.every, args.vae_batch, None, args.vae_from)
+    print(json.dumps({k: v for k, v in summary.items() if not k.endswith("curve")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
