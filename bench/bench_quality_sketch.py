@@ -1,0 +1,297 @@
+"""Sketch guidance quality on Atelier Mini sd15 (64 px): sketch adherence at matched prompt adherence.
+
+1. Trains a latent edge predictor (LEP) for Mini sd15 with the pack's own trainer (``nodes/sketch.train_lep``,
+   the code behind the AtelierTrainLEP node and tools/train_lep.py) on world images from the training
+   stream (``world.iter_samples``), saved under out/quality_sketch/lep/ (not the repo); a finished predictor
+   with the same name, size and step count is loaded instead of retrained (--retrain to force).
+2. For N seeded benchmark prompts (``world.prompt_set``), the sketch is the world's own clean edge map of
+   that prompt's scene (one-pixel mask boundaries, black strokes on white, written as a PNG and loaded with
+   core LoadImage, like a user's drawing). Cases, all on the core KSampler (euler/normal, same noise seed
+   per prompt), each an API graph a user would build:
+     unguided          Mini -> KSampler
+     guided b=...      Mini -> AtelierSketchGuidance(LEPLoader, LoadImage sketch) -> KSampler (default window
+                       0-50 %, grad_every 1)
+     sdedit d=...      LoadImage sketch -> VAEEncode -> KSampler at denoise d (the image-only baseline)
+3. Scores (models/metrics.py): sketch adherence (edge F1 within 2 px, precision, recall, Chamfer px) of the
+   image's edges against the sketch; its "shuffled" level (image i against sketch i+1: what any image of the
+   world scores against an unrelated sketch of it); prompt adherence (objects = colour+shape, colours,
+   shapes); the world's own rendering against its own sketch (ceiling). Per-image wall time of each case
+   and its ratio to unguided (the cases of one prompt run back to back, so they share the machine's load).
+
+    python bench/bench_quality_sketch.py [--n 24] [--train-steps 1500] [--betas 0.5,1,1.6] [--denoise 0.6,0.8]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import time
+from pathlib import Path
+
+import harness
+
+FAMILY = "sd15"
+PX = 64
+SCORES = ("object", "color", "shape")
+
+
+def loader() -> dict:
+    return {"class_type": "AtelierMiniCheckpointLoader", "inputs": {"family": FAMILY}}
+
+
+def base_graph(text: str, seed: int, steps: int, cfg: float, model_ref, latent_ref, denoise: float) -> dict:
+    return {
+        "1": loader(),
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": model_ref, "positive": ["2", 0], "negative": ["3", 0], "latent_image": latent_ref,
+            "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+            "denoise": denoise}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+
+
+def graph_unguided(text, seed, steps, cfg):
+    g = base_graph(text, seed, steps, cfg, ["1", 0], ["4", 0], 1.0)
+    g["4"] = {"class_type": "EmptyLatentImage", "inputs": {"width": PX, "height": PX, "batch_size": 1}}
+    return g
+
+
+def graph_guided(text, seed, steps, cfg, sketch_file, lep_name, beta):
+    g = base_graph(text, seed, steps, cfg, ["10", 0], ["4", 0], 1.0)
+    g["4"] = {"class_type": "EmptyLatentImage", "inputs": {"width": PX, "height": PX, "batch_size": 1}}
+    g["8"] = {"class_type": "LoadImage", "inputs": {"image": sketch_file}}
+    g["9"] = {"class_type": "AtelierLEPLoader", "inputs": {"lep_name": lep_name}}
+    g["10"] = {"class_type": "AtelierSketchGuidance", "inputs": {
+        "model": ["1", 0], "lep": ["9", 0], "vae": ["1", 2], "sketch": ["8", 0], "beta": beta,
+        "start_percent": 0.0, "end_percent": 0.5, "grad_every": 1}}
+    return g
+
+
+def graph_sdedit(text, seed, steps, cfg, sketch_file, denoise):
+    g = base_graph(text, seed, steps, cfg, ["1", 0], ["11", 0], denoise)
+    g["8"] = {"class_type": "LoadImage", "inputs": {"image": sketch_file}}
+    g["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["8", 0], "vae": ["1", 2]}}
+    return g
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=None, help="prompts (default 24; 3 quick)")
+    ap.add_argument("--seed", type=int, default=7, help="prompt-set seed (world.prompt_set), as bench_quality")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--betas", default="0.5,1,1.6", help="guidance strengths (1.6 = the node's default)")
+    ap.add_argument("--denoise", default="0.6,0.8", help="SDEdit denoise levels")
+    ap.add_argument("--train-steps", type=int, default=None, help="LEP training steps (default 1500; 5 quick)")
+    ap.add_argument("--train-images", type=int, default=None, help="world training images (default 512; 64 quick)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lep-name", default="mini_sd15_world_s1500")
+    ap.add_argument("--retrain", action="store_true", help="train again even if a finished LEP exists")
+    ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(harness.ROOT / "out" / "quality_sketch"))
+    ap.add_argument("--grid", default="", help="PNG path for a grid of the first --grid-n prompts ('' to skip)")
+    ap.add_argument("--grid-n", type=int, default=8)
+    ns = ap.parse_args()
+    quick = harness.quick()
+    n = ns.n or (3 if quick else 24)
+    train_steps = ns.train_steps or (5 if quick else 1500)
+    ns.train_images = ns.train_images or (64 if quick else 512)
+    out = Path(ns.out).resolve()
+    if quick and ns.out == ap.get_default("out"):
+        out = out.with_name("quality_sketch_quick")     # a smoke run never touches the real predictor
+
+    h = harness.boot(str(out / "output"))
+    import numpy as np
+    import torch
+    import folder_paths
+    torch.set_num_threads(ns.threads)
+    pk = h.pack_module.__name__
+    sk = importlib.import_module(pk + ".nodes.sketch")
+    mini = importlib.import_module(pk + ".nodes.mini")
+    world = importlib.import_module(pk + ".models.world")
+    metrics = importlib.import_module(pk + ".models.metrics")
+
+    # Everything this bench writes lives under out/: the input folder (training images, sketches) and the
+    # predictor folders, put first so the trainer saves there and the loader lists them.
+    input_dir = out / "input"
+    input_dir.mkdir(parents=True, exist_ok=True)
+    folder_paths.set_input_directory(str(input_dir))
+    for key, sub in (("atelier_lep", "lep"), ("atelier_lep_resume", "lep_resume")):
+        paths, exts = folder_paths.folder_names_and_paths[key]
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        folder_paths.folder_names_and_paths[key] = ([str(out / sub)] + [p for p in paths if p != str(out / sub)],
+                                                    exts)
+    wpath = mini.weights_path(FAMILY)
+    wstat = wpath.stat()
+    weights = {"file": wpath.name, "bytes": wstat.st_size,
+               "mtime_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(wstat.st_mtime))}
+    lep_name = f"{ns.lep_name}_{int(wstat.st_mtime)}"   # a new Mini file gets its own predictor
+
+    # ---------------------------------------------------------------- 1. the LEP
+    train_folder = f"lep_world_{ns.train_images}"
+    train_dir = input_dir / train_folder
+    train_dir.mkdir(exist_ok=True)
+    have = len(list(train_dir.glob("*.png")))
+    if have < ns.train_images:
+        from PIL import Image
+        for s in world.iter_samples(0, 0, ns.train_images, size=PX):
+            Image.fromarray(s.image).save(train_dir / f"world_{s.index:05d}.png")
+            (train_dir / f"world_{s.index:05d}.txt").write_text(s.caption)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model, clip, vae = mini.load_mini(FAMILY)
+        lep, rep = sk.train_lep(model, clip, vae, train_folder, lep_name, steps=train_steps,
+                                batch_size=ns.batch_size, learning_rate=ns.lr, resolution=PX, seed=0,
+                                resume=not ns.retrain, save_every=100)
+    train_s = time.perf_counter() - t0
+    losses = rep["losses"]
+    k = max(1, min(20, len(losses) // 10 or 1))
+    curve = [round(float(np.mean(losses[i:i + k])), 5) for i in range(0, len(losses), k)] if losses else []
+    training = {"name": lep_name, "path": rep["path"], "steps": train_steps, "batch_size": ns.batch_size,
+                "lr": ns.lr, "images": ns.train_images, "seconds": round(train_s, 1),
+                "skipped_already_trained": bool(rep.get("skipped")), "final_loss": rep["final_loss"],
+                "first_loss_mean_of_%d" % k: curve[0] if curve else None,
+                "last_loss_mean_of_%d" % k: curve[-1] if curve else None, "curve_means_of_%d" % k: curve}
+    print(f"LEP {lep_name}: {train_steps} steps in {train_s:.0f}s; loss {training}")
+
+    # Held-out LEP loss: benchmark scenes (prompt_set, not in the training stream) at a mid noise level.
+    prompts = world.prompt_set(ns.seed, n, size=PX)
+    with torch.inference_mode():
+        base = model.model
+        L = importlib.import_module(pk + ".models.lep")
+        held = []
+        tgts = []
+        for p in prompts:
+            tgts.append(sk.sketch_target(vae, model, torch.from_numpy(
+                np.where(p.edges, 0.0, 1.0).astype("float32"))[None, ..., None].expand(1, PX, PX, 3)))
+        const = torch.cat(tgts).mean(0, keepdim=True)       # the best constant map over these sketches
+        for t_val in (200, 500, 800):
+            vals = []
+            for i, p in enumerate(prompts):
+                img = torch.from_numpy(p.image.astype("float32") / 255.0)[None]
+                x0 = sk.vae_encode(vae, base, img)
+                tgt = tgts[i]
+                t = torch.tensor([float(t_val)])
+                sigma = base.model_sampling.sigma(t)
+                z = base.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), torch.randn(
+                    x0.shape, generator=torch.Generator().manual_seed(i)), x0)
+                kw = sk.encode_text(base, clip, p.caption, z)
+                with L.FeatureCapture(base.diffusion_model, FAMILY) as cap:
+                    base.apply_model(z, sigma, **kw)
+                    f = L.concat_features(cap.take(), tuple(z.shape[-2:]))
+                pred = lep.module(f, t)
+                a, b = (pred - pred.mean((2, 3), keepdim=True)).flatten(), (tgt - tgt.mean((2, 3), keepdim=True)).flatten()
+                vals.append((float(L.lep_loss(pred, tgt).mean()), float(L.lep_loss(const, tgt).mean()),
+                             float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))))
+            held.append({"t": t_val, "lep_loss": float(np.mean([v[0] for v in vals])),
+                         "constant_map_loss": float(np.mean([v[1] for v in vals])),
+                         "spatial_corr": float(np.mean([v[2] for v in vals]))})
+        training["held_out"] = held
+    print("held-out LEP loss on the benchmark sketches (vs the best constant map; spatial correlation):", held)
+    if ns.train_only:
+        harness.report("quality_sketch_train", [], {"training": training, "mini_weights": weights})
+        return
+
+    # ---------------------------------------------------------------- 2. sampling
+    from PIL import Image
+    sk_dir = input_dir / "sketches"
+    sk_dir.mkdir(exist_ok=True)
+    sketch_files = []
+    for i, p in enumerate(prompts):
+        f = sk_dir / f"sketch_{ns.seed}_{i:03d}.png"
+        Image.fromarray(np.where(p.edges, 0, 255).astype("uint8")).convert("RGB").save(f)
+        sketch_files.append(f"sketches/{f.name}")
+    betas = [float(b) for b in ns.betas.split(",") if b.strip()]
+    denoises = [float(d) for d in ns.denoise.split(",") if d.strip()]
+    cases = [("unguided", lambda i, p: graph_unguided(p.caption, i, ns.steps, ns.cfg))]
+    for b in betas:
+        cases.append((f"guided b={b:g}", lambda i, p, b=b: graph_guided(
+            p.caption, i, ns.steps, ns.cfg, sketch_files[i], lep_name + ".safetensors", b)))
+    for d in denoises:
+        cases.append((f"sdedit d={d:g}", lambda i, p, d=d: graph_sdedit(
+            p.caption, i, ns.steps, ns.cfg, sketch_files[i], d)))
+    images = {c: [] for c, _ in cases}
+    seconds = {c: [] for c, _ in cases}
+    for i, p in enumerate(prompts):
+        for c, make in cases:        # the cases of one prompt back to back: same machine load
+            t0 = time.perf_counter()
+            h.run_prompt(make(i, p))
+            seconds[c].append(time.perf_counter() - t0)
+            images[c].append(h.executor.caches.outputs.get("6")[0][0][0].numpy())
+        print(f"prompt {i + 1}/{n}: " + ", ".join(f"{c} {seconds[c][-1]:.1f}s" for c, _ in cases), flush=True)
+
+    # ---------------------------------------------------------------- 3. scores
+    sketches = [p.edges for p in prompts]
+    captions = [p.caption for p in prompts]
+
+    def sketch_scores(imgs, sks):
+        s = [metrics.sketch_adherence(im, skm) for im, skm in zip(imgs, sks)]
+        return {k: float(np.mean([x[k] for x in s])) for k in ("f1", "precision", "recall", "chamfer")}, s
+
+    def prompt_scores(imgs):
+        dets = [metrics.detect_objects(im) for im in imgs]
+        adh = [metrics.prompt_adherence(None, c, detections=d) for c, d in zip(captions, dets)]
+        return {s: float(np.mean([getattr(a, f"{s}_score") for a in adh])) for s in SCORES}, adh
+
+    rows = []
+    per_image = {}
+    ref_images = [p.image.astype("float32") / 255.0 for p in prompts]
+    all_cases = [c for c, _ in cases] + ["world rendering (ceiling)"]
+    unguided_med = statistics.median(seconds["unguided"])
+    for c in all_cases:
+        imgs = ref_images if c.startswith("world") else images[c]
+        sa, per = sketch_scores(imgs, sketches)
+        shuf, _ = sketch_scores(imgs, sketches[1:] + sketches[:1])
+        pa, adh = prompt_scores(imgs)
+        row = {"case": c, "n": n, "edge_f1": sa["f1"], "precision": sa["precision"], "recall": sa["recall"],
+               "chamfer_px": sa["chamfer"], "shuffled_f1": shuf["f1"], "shuffled_chamfer_px": shuf["chamfer"],
+               **{f"prompt_{s}": pa[s] for s in SCORES}}
+        if c in seconds:
+            row["median_s"] = statistics.median(seconds[c])
+            row["ratio"] = row["median_s"] / unguided_med
+            row["ratio_per_image_median"] = statistics.median(
+                a / b for a, b in zip(seconds[c], seconds["unguided"]))
+        per_image[c] = [round(x["f1"], 3) for x in per]
+        rows.append(row)
+    # paired comparison of each case against unguided (same prompt, same noise seed)
+    for r in rows:
+        if r["case"] in images and r["case"] != "unguided":
+            a, b = per_image[r["case"]], per_image["unguided"]
+            r["f1_wins_vs_unguided"] = f"{sum(x > y for x, y in zip(a, b))}/{n}"
+
+    cols = ("case", "edge_f1", "precision", "recall", "chamfer_px", "shuffled_f1", "shuffled_chamfer_px",
+            "prompt_object", "prompt_color", "prompt_shape", "median_s", "ratio", "f1_wins_vs_unguided")
+    print("  ".join(f"{c:>14}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{r[c]:>14.3f}" if isinstance(r.get(c), float) else f"{str(r.get(c, '-')):>14}"
+                        for c in cols))
+    counts = sorted({len(p.objects) for p in prompts})
+    chance = metrics.chance_levels(counts)
+    print("prompt adherence chance (analytic): " + ", ".join(f"{k} {v:.3f}" for k, v in chance.items()))
+    if ns.grid:
+        from bench_quality import save_grid
+        gn = min(ns.grid_n, n)
+        grows = [("sketch", [np.where(s, 0.0, 1.0)[..., None].repeat(3, -1) for s in sketches[:gn]], captions[:gn]),
+                 ("world", ref_images[:gn], captions[:gn])]
+        grows += [(c.replace("guided ", "g ").replace("sdedit ", "sde "), images[c][:gn], captions[:gn])
+                  for c, _ in cases]
+        save_grid(Path(ns.grid), grows)
+        print(f"grid: {ns.grid}")
+    harness.report("quality_sketch", rows, {
+        "training": training, "mini_weights": weights, "prompt_seed": ns.seed, "steps": ns.steps, "cfg": ns.cfg,
+        "sampler": "euler/normal, negative '', noise seed = prompt index", "threads": ns.threads,
+        "prompt_chance": chance, "per_image_f1": per_image,
+        "note": "sketch = world's clean edge map of the prompt's scene (1 px, black on white); edge F1 within "
+                "2 px and Chamfer (px) of metrics.image_edges(image) vs the sketch; shuffled_*: image i vs "
+                "sketch i+1; prompt_*: metrics.prompt_adherence; guided = AtelierSketchGuidance window 0-50%, "
+                "grad_every 1; sdedit = VAEEncode(sketch picture) + KSampler at denoise d"})
+
+
+if __name__ == "__main__":
+    main()
