@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import statistics
 import time
 from pathlib import Path
