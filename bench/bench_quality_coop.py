@@ -1,0 +1,270 @@
+"""Coop bridge quality on Atelier Mini (issue 7): handoff coherence and prompt adherence.
+
+For N seeded prompts from the world's benchmark stream (``world.prompt_set``), the same as
+bench/bench_quality.py, every case is a graph of core + Atelier nodes run by the headless executor
+(noise seed = prompt index, euler/normal, ``--steps`` steps, cfg ``--cfg``, negative ''):
+
+* ``sd15 alone``     KSampler on Mini sd15 at 64 px (the stage-1 model's own picture)
+* ``sdxl alone``     KSampler on Mini sdxl at 128 px (reference, no handoff)
+* ``bridge``         AtelierResolutionBridgeSampler sd15 64 px -> sdxl 128 px, switch_at = k/steps,
+                     scale 2 (as workflows/coop_sd15_to_sdxl_upscale.json)
+* ``plain``          the plain core handoff at the same noise level: sd15 KSamplerAdvanced steps 0..k
+                     with leftover noise -> VAEDecode (sd15 VAE) -> ImageScale 128 bicubic -> VAEEncode
+                     (sdxl VAE) -> sdxl KSamplerAdvanced from step k, add_noise disabled
+* ``core renoise``   the core chain a careful user could build instead: sd15 KSamplerAdvanced 0..k
+                     *without* leftover noise (jumps to its clean estimate) -> decode -> ImageScale ->
+                     sdxl VAEEncode -> sdxl KSamplerAdvanced from step k with add_noise enabled
+                     (fresh noise at step k's level; what the bridge does, built from core nodes)
+* ``fused``          AtelierCoopSampler, A = sdxl 128 px, B = sd15 at b_scale 0.5, settings of
+                     workflows/coop_sd15_sdxl_fused.json (d 0.6, bridge_every 2, window 0..0.8)
+
+Coherence (``models/metrics.handoff_coherence``: edge F1 at 2 px, Chamfer, RGB-histogram
+intersection, low-frequency PSNR; compared at 64 px) of each final picture against two stage-1
+pictures: ``x0@k`` (sd15's clean estimate at the switch, from KSamplerAdvanced 0..k without leftover
+noise, decoded) and ``sd15 alone`` (the full sd15 picture with the same seed). Two yardsticks:
+``sdxl alone`` vs the stage-1 pictures (same prompt, no shared trajectory) and a shuffled level
+(stage-1 picture of prompt i vs the final of prompt i+1). Prompt adherence of every final picture
+(``prompt_adherence``) with the analytic chance levels and the shuffled baseline.
+
+    python bench/bench_quality_coop.py [--n 24] [--steps 20] [--cfg 5] [--switch 0.5]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import statistics
+import time
+
+import harness
+
+SCORES = ("object", "color", "shape")
+COH = ("edge_f1", "chamfer", "hist_intersection", "lowfreq_psnr")
+FINALS = ("sd15 alone", "sdxl alone", "bridge", "plain", "core renoise", "fused")
+
+
+def _base(text: str) -> dict:
+    return {
+        "L1": {"class_type": "AtelierMiniCheckpointLoader", "inputs": {"family": "sd15"}},
+        "L2": {"class_type": "AtelierMiniCheckpointLoader", "inputs": {"family": "sdxl"}},
+        "P1": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["L1", 1]}},
+        "N1": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["L1", 1]}},
+        "P2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["L2", 1]}},
+        "N2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["L2", 1]}},
+        "E1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "E2": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+    }
+
+
+def _ks(fam: str, latent, seed, steps, cfg) -> dict:
+    m = "L1" if fam == "sd15" else "L2"
+    p, n = ("P1", "N1") if fam == "sd15" else ("P2", "N2")
+    return {"class_type": "KSampler", "inputs": {
+        "model": [m, 0], "positive": [p, 0], "negative": [n, 0], "latent_image": latent, "seed": seed,
+        "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+
+
+def _ksa(fam: str, latent, seed, steps, cfg, start, end, add_noise: bool, leftover: bool) -> dict:
+    m = "L1" if fam == "sd15" else "L2"
+    p, n = ("P1", "N1") if fam == "sd15" else ("P2", "N2")
+    return {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": [m, 0], "add_noise": "enable" if add_noise else "disable", "noise_seed": seed, "steps": steps,
+        "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "positive": [p, 0], "negative": [n, 0],
+        "latent_image": latent, "start_at_step": start, "end_at_step": end,
+        "return_with_leftover_noise": "enable" if leftover else "disable"}}
+
+
+def _decode(samples, vae_loader: str) -> dict:
+    return {"class_type": "VAEDecode", "inputs": {"samples": samples, "vae": [vae_loader, 2]}}
+
+
+def case_graph(case: str, text: str, seed: int, steps: int, cfg: float, k: int) -> dict:
+    """API graph of one case; the picture to read is node 'OUT' (a VAEDecode)."""
+    g = _base(text)
+    if case == "sd15 alone":
+        g["S"] = _ks("sd15", ["E1", 0], seed, steps, cfg)
+        g["OUT"] = _decode(["S", 0], "L1")
+    elif case == "sdxl alone":
+        g["S"] = _ks("sdxl", ["E2", 0], seed, steps, cfg)
+        g["OUT"] = _decode(["S", 0], "L2")
+    elif case == "x0@k":
+        g["S"] = _ksa("sd15", ["E1", 0], seed, steps, cfg, 0, k, add_noise=True, leftover=False)
+        g["OUT"] = _decode(["S", 0], "L1")
+    elif case == "bridge":
+        g["S"] = {"class_type": "AtelierResolutionBridgeSampler", "inputs": {
+            "model_low": ["L1", 0], "vae_low": ["L1", 2], "positive_low": ["P1", 0], "negative_low": ["N1", 0],
+            "model_high": ["L2", 0], "vae_high": ["L2", 2], "positive_high": ["P2", 0], "negative_high": ["N2", 0],
+            "latent_image": ["E1", 0], "seed": seed, "steps": steps, "sampler_name": "euler", "scheduler": "normal",
+            "cfg_low": cfg, "cfg_high": cfg, "switch_at": k / steps, "scale": 2.0, "resize_method": "bicubic"}}
+        g["OUT"] = _decode(["S", 0], "L2")
+    elif case in ("plain", "core renoise"):
+        renoise = case == "core renoise"
+        g["S1"] = _ksa("sd15", ["E1", 0], seed, steps, cfg, 0, k, add_noise=True, leftover=not renoise)
+        g["D1"] = _decode(["S1", 0], "L1")
+        g["UP"] = {"class_type": "ImageScale", "inputs": {"image": ["D1", 0], "upscale_method": "bicubic",
+                                                          "width": 128, "height": 128, "crop": "disabled"}}
+        g["EN"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["UP", 0], "vae": ["L2", 2]}}
+        g["S2"] = _ksa("sdxl", ["EN", 0], seed, steps, cfg, k, 10000, add_noise=renoise, leftover=False)
+        g["OUT"] = _decode(["S2", 0], "L2")
+    elif case == "fused":
+        g["S"] = {"class_type": "AtelierCoopSampler", "inputs": {
+            "model_a": ["L2", 0], "vae_a": ["L2", 2], "positive_a": ["P2", 0], "negative_a": ["N2", 0], "cfg_a": cfg,
+            "model_b": ["L1", 0], "vae_b": ["L1", 2], "positive_b": ["P1", 0], "negative_b": ["N1", 0], "cfg_b": cfg,
+            "fusion_d": 0.6, "bridge_every": 2, "start_percent": 0.0, "end_percent": 0.8, "b_scale": 0.5,
+            "resize_method": "bicubic", "latent_image": ["E2", 0], "seed": seed, "steps": steps,
+            "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+        g["OUT"] = _decode(["S", 0], "L2")
+    else:
+        raise ValueError(case)
+    g["PV"] = {"class_type": "PreviewImage", "inputs": {"images": ["OUT", 0]}}
+    return g
+
+
+def mean_ci(xs):
+    m = statistics.mean(xs)
+    half = 1.96 * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+    return m, half
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Coop bridge coherence and adherence on Atelier Mini.")
+    ap.add_argument("--n", type=int, default=None, help="prompts (default 24; 3 quick)")
+    ap.add_argument("--seed", type=int, default=7, help="prompt-set seed (world.prompt_set)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--switch", type=float, default=0.5, help="handoff at step round(switch*steps)")
+    ap.add_argument("--grid", default=str(harness.ROOT / "docs" / "quality_coop_grid.png"), help="'' to skip")
+    ap.add_argument("--grid-n", type=int, default=8)
+    ap.add_argument("--name", default="quality_coop", help="results file bench/results/<name>.json")
+    ap.add_argument("--cases", default=",".join(FINALS),
+                    help="comma-separated finals to run (sd15 alone is always run: it is a stage-1 reference)")
+    ns = ap.parse_args()
+    import torch
+    torch.set_num_threads(1)
+    n = ns.n or (3 if harness.quick() else 24)
+    k = round(ns.switch * ns.steps)
+    h = harness.boot()
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    pkg = h.pack_module.__name__
+    world = importlib.import_module(pkg + ".models.world")
+    metrics = importlib.import_module(pkg + ".models.metrics")
+
+    prompts = world.prompt_set(ns.seed, n, size=64)
+    captions = [p.caption for p in prompts]
+    finals = [c for c in FINALS if c == "sd15 alone" or c in ns.cases.split(",")]
+    cases = ["x0@k"] + finals
+    images = {c: [] for c in cases}
+    seconds = {c: [] for c in cases}
+    for i, text in enumerate(captions):
+        for c in cases:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                h.run_prompt(case_graph(c, text, i, ns.steps, ns.cfg, k))
+            seconds[c].append(time.perf_counter() - t0)
+            images[c].append(h.executor.caches.outputs.get("OUT")[0][0][0].numpy())
+        print(f"[{i + 1}/{n}] {text}", flush=True)
+
+    # prompt adherence of every final picture
+    rows, per_adh = [], {}
+    for c in finals:
+        dets = [metrics.detect_objects(im) for im in images[c]]
+        adh = [metrics.prompt_adherence(None, t, detections=d) for t, d in zip(captions, dets)]
+        shuf = metrics.shuffled_baseline(captions, detections=dets)
+        row = {"case": c, "px": images[c][0].shape[0], "n": n,
+               "median_s": statistics.median(seconds[c])}
+        for s in SCORES:
+            row[s] = statistics.mean(getattr(a, f"{s}_score") for a in adh)
+        row["count_match"] = statistics.mean(float(a.count_match) for a in adh)
+        row["mean_detected"] = statistics.mean(float(len(d)) for d in dets)
+        row.update({f"shuffled_{s}": shuf[s] for s in SCORES})
+        row.update({f"margin_{s}": row[s] - shuf[s] for s in SCORES})
+        per_adh[c] = {s: [getattr(a, f"{s}_score") for a in adh] for s in SCORES}
+        per_adh[c]["count_match"] = [float(a.count_match) for a in adh]
+        rows.append(row)
+    adh_diffs = {}
+    for c in [c for c in ("bridge", "plain", "core renoise", "fused") if c in finals]:
+        for ref in [r for r in ("sd15 alone", "sdxl alone") if r in finals]:
+            d = {}
+            for m in ("object", "color", "shape", "count_match"):
+                xs = [a - b for a, b in zip(per_adh[c][m], per_adh[ref][m])]
+                mm, half = mean_ci(xs)
+                d[m] = {"mean": mm, "ci95": half, "wins": sum(x > 0 for x in xs), "losses": sum(x < 0 for x in xs)}
+            adh_diffs[f"{c} - {ref}"] = d
+
+    # coherence of finals against the stage-1 pictures
+    coh = {}
+    pairs = [(ref, c) for ref in ("x0@k", "sd15 alone") for c in finals if c != ref]
+    pairs += [("sdxl alone", "fused")] if {"sdxl alone", "fused"} <= set(finals) else []
+    for ref, c in pairs:
+        per = [metrics.handoff_coherence(images[ref][i], images[c][i]) for i in range(n)]
+        shuf = [metrics.handoff_coherence(images[ref][i], images[c][(i + 1) % n]) for i in range(n)]
+        coh[(ref, c)] = {"per": per, "shuffled": {m: statistics.mean(d[m] for d in shuf) for m in COH}}
+    coh_rows = []
+    for (ref, c), v in coh.items():
+        r = {"case": f"{c} vs {ref}", "final": c, "stage1": ref}
+        for m in COH:
+            mm, half = mean_ci([d[m] for d in v["per"]])
+            r[m], r[m + "_ci95"] = mm, half
+            r["shuffled_" + m] = v["shuffled"][m]
+        r["chamfer_median"] = statistics.median(d["chamfer"] for d in v["per"])
+        coh_rows.append(r)
+    # paired differences bridge - plain, bridge - core renoise (same prompts, same seeds)
+    diffs = {}
+    for ref in ("x0@k", "sd15 alone"):
+        for a, b in (("bridge", "plain"), ("bridge", "core renoise"), ("core renoise", "plain")):
+            if a not in finals or b not in finals:
+                continue
+            pa, pb = coh[(ref, a)]["per"], coh[(ref, b)]["per"]
+            d = {}
+            for m in COH:
+                xs = [x[m] - y[m] for x, y in zip(pa, pb)]
+                mm, half = mean_ci(xs)
+                d[m] = {"mean": mm, "ci95": half, "a_better": sum((x < 0) if m == "chamfer" else (x > 0) for x in xs)}
+            diffs[f"{a} - {b} (vs {ref})"] = d
+
+    counts = [len(p.objects) for p in prompts]
+    chance = metrics.chance_levels(sorted(set(counts)))
+    print(f"\nPrompt adherence, N={n} prompts (seed {ns.seed}), {ns.steps} steps, cfg {ns.cfg}, switch at step {k}")
+    cols = ("case", "px", "object", "color", "shape", "count_match", "mean_detected", "shuffled_object",
+            "shuffled_color", "shuffled_shape", "margin_object", "margin_color", "margin_shape", "median_s")
+    print("  ".join(f"{c:>14}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{r[c]:>14.3f}" if isinstance(r[c], float) else f"{r[c]:>14}" for c in cols))
+    print("chance (analytic): " + ", ".join(f"{a} {b:.3f}" for a, b in chance.items()))
+    print("\nHandoff coherence (mean ± 95% CI; shuffled = stage-1 of prompt i vs final of prompt i+1)")
+    print(f"{'final vs stage-1':>28}  " + "  ".join(f"{m:>22}" for m in COH))
+    for r in coh_rows:
+        print(f"{r['case']:>28}  " + "  ".join(
+            f"{r[m]:7.3f}±{r[m + '_ci95']:5.3f} ({r['shuffled_' + m]:6.3f})" for m in COH)
+            + f"  chamfer median {r['chamfer_median']:.2f}")
+    print("\nPaired differences (mean ± 95% CI; count of prompts where the first is better)")
+    for name, d in diffs.items():
+        print(f"{name:>40}  " + "  ".join(f"{m} {v['mean']:+.3f}±{v['ci95']:.3f} ({v['a_better']}/{n})"
+                                          for m, v in d.items()))
+    print("\nPaired adherence differences (mean ± 95% CI; prompts better/worse)")
+    for name, d in adh_diffs.items():
+        print(f"{name:>28}  " + "  ".join(f"{m} {v['mean']:+.3f}±{v['ci95']:.3f} ({v['wins']}/{v['losses']})"
+                                          for m, v in d.items()))
+    if ns.grid and not harness.quick():
+        from pathlib import Path
+        bq = importlib.import_module("bench_quality")
+        g = ns.grid_n
+        bq.save_grid(Path(ns.grid), [(c[:7], images[c][:g], captions[:g]) for c in cases])
+        print(f"grid: {ns.grid}")
+    weights = {}
+    for fam in ("sd15", "sdxl"):
+        try:
+            weights[fam] = importlib.import_module(pkg + ".nodes.mini").read_weights(fam)[1].get("steps")
+        except Exception as e:  # noqa: BLE001 - informative only
+            weights[fam] = repr(e)
+    harness.report(ns.name, rows + coh_rows, {
+        "chance": chance, "prompt_seed": ns.seed, "steps": ns.steps, "cfg": ns.cfg, "switch_step": k,
+        "mini_train_steps": weights, "paired_differences": diffs,
+        "paired_adherence_differences": adh_diffs, "mean_requested_objects": statistics.mean(counts),
+        "seconds_note": "median wall seconds per image on a shared 2-core CPU (one torch thread), noisy",
+        "note": "finals scored with prompt_adherence; coherence = handoff_coherence(stage-1 picture, final) at 64 px"})
+
+
+if __name__ == "__main__":
+    main()
