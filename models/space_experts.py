@@ -449,7 +449,15 @@ def block_update(n_out: torch.Tensor, hidden: torch.Tensor, base_ctx: torch.Tens
                 outs.append(None)
                 continue
             ec = ectx.to(device=q.device, dtype=q.dtype).expand(q.shape[0], -1, -1)
-            outs.append(sdpa(q, to_k(ec), to_v(ec), heads))
+            if biasing:
+                # paint-with-words inside the expert's own attention: its region pulls on the expert
+                # prompt's tokens (every position after BOS), so the weight acts where experts paint
+                el = attention_logits(q, to_k(ec), heads)
+                el = pww_bias(el, em[e].unsqueeze(1), [range(1, ec.shape[1])], pww_weight,
+                              0.0 if sigma is None else sigma)
+                outs.append(attend(el.softmax(dim=-1), to_v(ec), heads).to(q.dtype))
+            else:
+                outs.append(sdpa(q, to_k(ec), to_v(ec), heads))
         target = mix_regions(background, outs, em)
         coverage = em.float().mean(dim=(1, 2))
     if target is base:

@@ -388,6 +388,12 @@ def test_paint_with_words_masks_and_bias(sx, fam):
     rt = m2.get_attachment(sx.KEY)
     cov = [r["coverage"][("input", 1, 0)] for r in rt.record]  # full-resolution block: halves exactly
     assert cov and all(c == [0.5, 0.5] for c in cov)
+    # with every region painted by an expert, the weight still acts (inside the experts' attention;
+    # before, weights 1 and 3 gave bit-identical images and differed from 0 by rounding only)
+    w1, w3 = (_sample(m, clip, positive=p) for m, p, _ in (
+        sx.AtelierPaintWithWords.execute(model, clip, "a red circle and a blue square", regions,
+                                         weight=w, experts=bank, routing="in order").args for w in (1.0, 3.0)))
+    assert (w1 - w3).abs().max() > 1e-3 and (w1 - out).abs().max() > 1e-3
 
 
 def _graph(steps, text="a red circle and a blue square"):
