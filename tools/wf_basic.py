@@ -22,4 +22,19 @@ def basic_txt2img(g):
     g.node("SaveImage", images=img[0], filename_prefix="atelier_basic_txt2img")
 
 
-WORKFLOWS = {"basic_txt2img.json": basic_txt2img}
+def mini_txt2img(g):
+    g.note("Atelier Mini: the small SD1.5-topology model trained on Atelier's world of coloured shapes, "
+           "shipped with the pack (no download). It knows the world's words only: shapes (circle, square, "
+           "triangle, star, cross, ring), eight colours, small/large, left of/right of/above/below, and "
+           "striped/checkered/gradient backgrounds. 64 px is its native size.")
+    ck = g.node("AtelierMiniCheckpointLoader", family="sd15")
+    pos = g.node("CLIPTextEncode", title="Positive", text="a red circle left of a blue square", clip=ck[1])
+    neg = g.node("CLIPTextEncode", title="Negative", text="", clip=ck[1])
+    lat = g.node("EmptyLatentImage", width=64, height=64, batch_size=4)
+    ks = g.node("KSampler", model=ck[0], positive=pos[0], negative=neg[0], latent_image=lat[0],
+                seed=7, steps=20, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    img = g.node("VAEDecode", samples=ks[0], vae=ck[2])
+    g.node("SaveImage", images=img[0], filename_prefix="atelier_mini_txt2img")
+
+
+WORKFLOWS = {"basic_txt2img.json": basic_txt2img, "mini_txt2img.json": mini_txt2img}
