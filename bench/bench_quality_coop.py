@@ -126,6 +126,33 @@ def mean_ci(xs):
     return m, half
 
 
+def run_cases(h, captions: list[str], cases: list[str], graph_for) -> tuple[dict, dict]:
+    """Every case's graph for every caption (noise seed = prompt index); the image at node "OUT" and
+    the seconds of each run, per case. ``graph_for(case, text, seed)`` builds the API prompt."""
+    import torch
+    images = {c: [] for c in cases}
+    seconds = {c: [] for c in cases}
+    for i, text in enumerate(captions):
+        for c in cases:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                h.run_prompt(graph_for(c, text, i))
+            seconds[c].append(time.perf_counter() - t0)
+            images[c].append(h.executor.caches.outputs.get("OUT")[0][0][0].numpy())
+        print(f"[{i + 1}/{len(captions)}] {text}", flush=True)
+    return images, seconds
+
+
+def paired_diff(per_a: dict, per_b: dict, metrics=("object", "color", "shape", "count_match")) -> dict:
+    """Per-prompt differences a - b of each metric: mean, 95% CI half-width, prompts better/worse."""
+    d = {}
+    for m in metrics:
+        xs = [a - b for a, b in zip(per_a[m], per_b[m])]
+        mm, half = mean_ci(xs)
+        d[m] = {"mean": mm, "ci95": half, "wins": sum(x > 0 for x in xs), "losses": sum(x < 0 for x in xs)}
+    return d
+
+
 def main():
     ap = argparse.ArgumentParser(description="Coop bridge coherence and adherence on Atelier Mini.")
     ap.add_argument("--n", type=int, default=None, help="prompts (default 24; 3 quick)")
@@ -154,16 +181,7 @@ def main():
     captions = [p.caption for p in prompts]
     finals = [c for c in FINALS if c == "sd15 alone" or c in ns.cases.split(",")]
     cases = ["x0@k"] + finals
-    images = {c: [] for c in cases}
-    seconds = {c: [] for c in cases}
-    for i, text in enumerate(captions):
-        for c in cases:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                h.run_prompt(case_graph(c, text, i, ns.steps, ns.cfg, k))
-            seconds[c].append(time.perf_counter() - t0)
-            images[c].append(h.executor.caches.outputs.get("OUT")[0][0][0].numpy())
-        print(f"[{i + 1}/{n}] {text}", flush=True)
+    images, seconds = run_cases(h, captions, cases, lambda c, text, i: case_graph(c, text, i, ns.steps, ns.cfg, k))
 
     # prompt adherence of every final picture
     rows, per_adh = [], {}
@@ -185,12 +203,7 @@ def main():
     adh_diffs = {}
     for c in [c for c in ("bridge", "plain", "core renoise", "fused") if c in finals]:
         for ref in [r for r in ("sd15 alone", "sdxl alone") if r in finals]:
-            d = {}
-            for m in ("object", "color", "shape", "count_match"):
-                xs = [a - b for a, b in zip(per_adh[c][m], per_adh[ref][m])]
-                mm, half = mean_ci(xs)
-                d[m] = {"mean": mm, "ci95": half, "wins": sum(x > 0 for x in xs), "losses": sum(x < 0 for x in xs)}
-            adh_diffs[f"{c} - {ref}"] = d
+            adh_diffs[f"{c} - {ref}"] = paired_diff(per_adh[c], per_adh[ref])
 
     # coherence of finals against the stage-1 pictures
     coh = {}

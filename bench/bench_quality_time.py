@@ -27,11 +27,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import statistics
-import time
 from pathlib import Path
 
 import harness
-from bench_quality_coop import _base, _decode, _ks, mean_ci
+from bench_quality_coop import _base, _decode, _ks, mean_ci, paired_diff, run_cases
 
 SCORES = ("object", "color", "shape")
 OLD_DEFAULT = harness.ROOT / "out" / "mini_old" / "atelier_mini_sd15_3000.safetensors"
@@ -130,16 +129,7 @@ def main():
         cases += ["sd15 old alone", "routed sd15 old->new", "routed sd15 new->old"]
     prompts = world.prompt_set(ns.seed, n, size=64)
     captions = [p.caption for p in prompts]
-    images = {c: [] for c in cases}
-    seconds = {c: [] for c in cases}
-    for i, text in enumerate(captions):
-        for c in cases:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                h.run_prompt(case_graph(c, text, i, ns.steps, ns.cfg, old))
-            seconds[c].append(time.perf_counter() - t0)
-            images[c].append(h.executor.caches.outputs.get("OUT")[0][0][0].numpy())
-        print(f"[{i + 1}/{n}] {text}", flush=True)
+    images, seconds = run_cases(h, captions, cases, lambda c, text, i: case_graph(c, text, i, ns.steps, ns.cfg, old))
 
     rows, per = [], {}
     for c in cases:
@@ -168,12 +158,7 @@ def main():
         if c in singles:
             continue
         for s in singles:
-            d = {}
-            for m in ("object", "color", "shape", "count_match"):
-                xs = [a - b for a, b in zip(per[c][m], per[s][m])]
-                mm, half = mean_ci(xs)
-                d[m] = {"mean": mm, "ci95": half, "wins": sum(x > 0 for x in xs), "losses": sum(x < 0 for x in xs)}
-            diffs[f"{c} - {s}"] = d
+            diffs[f"{c} - {s}"] = paired_diff(per[c], per[s])
 
     counts = [len(p.objects) for p in prompts]
     chance = metrics.chance_levels(sorted(set(counts)))
