@@ -512,6 +512,18 @@ def _recording(model, record, sigma_table, expert: int):
     return m
 
 
+def _plan_struct_texture(structure, steps, sampler_name, scheduler, denoise, t_struct):
+    """The structure model's schedule split at T_struct: (sigma table, sigmas, a fresh route record, segments)."""
+    table = _sigma_table(structure)
+    thresholds = te.parse_boundaries(str(t_struct), "timestep", 2, table, name="t_struct")
+    ks = comfy.samplers.KSampler(structure, steps=steps, device=structure.load_device, sampler=sampler_name,
+                                 scheduler=scheduler, denoise=denoise, model_options=structure.model_options)
+    sigmas = ks.sigmas.detach().cpu()
+    record = te.new_record(["structure", "texture"])
+    te.start_run(record, sigmas.tolist())
+    return table, sigmas, record, te.split_schedule(sigmas, thresholds)
+
+
 def struct_texture_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed, steps, cfg, sampler_name,
                           scheduler, t_struct, denoise, structure_vae=None, texture_vae=None, texture_scale=1.0):
     """Two stages on one schedule, exactly as the core KSamplerAdvanced chain (start/end step, leftover
@@ -520,14 +532,7 @@ def struct_texture_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent
     if _family_key(structure) != _family_key(texture) or abs(float(texture_scale) - 1.0) > 1e-9:
         return _bridged_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed, steps, cfg,
                                sampler_name, scheduler, t_struct, denoise, structure_vae, texture_vae, texture_scale)
-    table = _sigma_table(structure)
-    thresholds = te.parse_boundaries(str(t_struct), "timestep", 2, table, name="t_struct")
-    ks = comfy.samplers.KSampler(structure, steps=steps, device=structure.load_device, sampler=sampler_name,
-                                 scheduler=scheduler, denoise=denoise, model_options=structure.model_options)
-    sigmas = ks.sigmas.detach().cpu()
-    record = te.new_record(["structure", "texture"])
-    te.start_run(record, sigmas.tolist())
-    segs = te.split_schedule(sigmas, thresholds)
+    table, _, record, segs = _plan_struct_texture(structure, steps, sampler_name, scheduler, denoise, t_struct)
     models = [_recording(structure, record, table, 0), _recording(texture, record, table, 1)]
     conds = [(s_pos, s_neg), (t_pos, t_neg)]
     out = latent
@@ -557,14 +562,7 @@ def _bridged_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed
     if structure_vae is None or texture_vae is None:
         raise ValueError(f"structure_vae/texture_vae: this handoff ({why}) goes through the Coop bridge, which "
                          "decodes and re-encodes: connect both models' VAEs")
-    table = _sigma_table(structure)
-    thresholds = te.parse_boundaries(str(t_struct), "timestep", 2, table, name="t_struct")
-    ks = comfy.samplers.KSampler(structure, steps=steps, device=structure.load_device, sampler=sampler_name,
-                                 scheduler=scheduler, denoise=denoise, model_options=structure.model_options)
-    sigmas = ks.sigmas.detach().cpu()
-    record = te.new_record(["structure", "texture"])
-    te.start_run(record, sigmas.tolist())
-    segs = te.split_schedule(sigmas, thresholds)
+    table, sigmas, record, segs = _plan_struct_texture(structure, steps, sampler_name, scheduler, denoise, t_struct)
     split = segs[0][2] if segs and segs[0][0] == 0 else 0
     out = latent
     s_model = _recording(structure, record, table, 0)
