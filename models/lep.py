@@ -14,6 +14,8 @@ What is here
 * :class:`LatentEdgePredictor` — the per-pixel MLP (1x1 convolutions): hidden 512, 256, 128, 64,
   output 4, ReLU and batch norm, with a sinusoidal encoding of the timestep (0..999) appended to
   every pixel's feature vector.
+* :class:`DenoisedEdgeHead` — the fast form's predictor: three 3x3 convolutions from the model's
+  denoised latent x0_hat (+ timestep) to the same edge latent; its gradient needs no UNet backward.
 * Sketch preprocessing (:func:`preprocess_sketch`): stroke polarity auto-detection, threshold,
   thin to one pixel (Zhang-Suen) or thicken; :func:`sobel_edges`, :func:`canny_edges`;
   :func:`rasterize_strokes` for the canvas widget's JSON.
@@ -37,6 +39,8 @@ import torch.nn.functional as F
 HIDDEN = (512, 256, 128, 64)
 OUT_CHANNELS = 4
 PE_DIM = 32  # sinusoidal timestep encoding width
+HEAD_HIDDEN = 96  # DenoisedEdgeHead width
+HEAD_DEPTH = 3
 
 #: (block kind, block index, sub-layer index or None) per family.
 LAYERS: dict[str, tuple[tuple[str, int, int | None], ...]] = {
@@ -87,27 +91,45 @@ def resolve_modules(unet: nn.Module, family: str) -> list[nn.Module]:
 class FeatureCapture:
     """Forward hooks on the LEP layers while the ``with`` block runs; ``features`` holds the
     captured outputs in layer order (the last call's). Hooks live only inside the block, so a
-    shared UNet is untouched outside it and other packs' hooks are unaffected."""
+    shared UNet is untouched outside it and other packs' hooks are unaffected.
 
-    def __init__(self, unet: nn.Module, family: str):
+    ``stop_grad_after_last``: once the last LEP layer has run, autograd recording is switched off
+    for the rest of the forward (the caller's ``torch.enable_grad()`` block restores it): the
+    layers after it (SD1.5's full-resolution output blocks 9-11) never reach the loss, so keeping
+    their activations for a backward would only cost memory. Numerics are unchanged."""
+
+    def __init__(self, unet: nn.Module, family: str, stop_grad_after_last: bool = False):
+        self.unet = unet
         self.modules = resolve_modules(unet, family)
+        self.stop_grad_after_last = stop_grad_after_last
         self.features: list[torch.Tensor | None] = [None] * len(self.modules)
         self._handles = []
 
     def _hook(self, i):
+        last = i == len(self.modules) - 1
+
         def fn(_module, _inputs, output):
             self.features[i] = output[0] if isinstance(output, (tuple, list)) else output
+            if last and self.stop_grad_after_last:
+                torch.set_grad_enabled(False)
         return fn
+
+    def _restart(self, _module, _inputs):
+        torch.set_grad_enabled(self._grad_mode)   # a second forward inside the block records again
 
     def __enter__(self):
         self.features = [None] * len(self.modules)
+        self._grad_mode = torch.is_grad_enabled()
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        if self.stop_grad_after_last:
+            self._handles.append(self.unet.register_forward_pre_hook(self._restart))
         return self
 
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
         self._handles = []
+        torch.set_grad_enabled(self._grad_mode)
         return False
 
     def take(self) -> list[torch.Tensor]:
@@ -164,6 +186,37 @@ class LatentEdgePredictor(nn.Module):
             t = t.expand(b)
         pe = timestep_encoding(t, self.pe_dim).to(feats.dtype)[:, :, None, None].expand(b, self.pe_dim, h, w)
         return self.net(torch.cat([feats, pe], dim=1))
+
+
+class DenoisedEdgeHead(nn.Module):
+    """The cheaper guidance form's predictor: the edge latent from the model's own denoised
+    prediction x0_hat (B, 4, H, W) and the timestep, through three 3x3 convolutions (a 7x7-cell
+    receptive field). Its gradient with respect to x0_hat needs no backward pass through the UNet:
+    the manifold-preserving shortcut of He et al. 2023 (MPGD), which takes the guidance gradient
+    on the clean estimate instead of on z_t. Trained next to the LEP, on the same batches."""
+
+    def __init__(self, in_channels: int = OUT_CHANNELS, hidden: int = HEAD_HIDDEN, depth: int = HEAD_DEPTH,
+                 out_channels: int = OUT_CHANNELS, pe_dim: int = PE_DIM):
+        super().__init__()
+        self.in_channels, self.hidden, self.depth, self.pe_dim = int(in_channels), int(hidden), int(depth), int(pe_dim)
+        layers: list[nn.Module] = []
+        c = self.in_channels + self.pe_dim
+        for _ in range(self.depth):
+            layers += [nn.Conv2d(c, self.hidden, 3, padding=1), nn.SiLU()]
+            c = self.hidden
+        layers.append(nn.Conv2d(c, out_channels, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x0: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if x0.shape[1] != self.in_channels:
+            raise LEPError(f"lep: the denoised-latent head expects {self.in_channels} latent channels, the model "
+                           f"gave {x0.shape[1]}; the LEP was trained on a different model family")
+        b, _, h, w = x0.shape
+        t = timestep.reshape(-1).to(x0.device)
+        if t.numel() == 1:
+            t = t.expand(b)
+        pe = timestep_encoding(t, self.pe_dim).to(x0.dtype)[:, :, None, None].expand(b, self.pe_dim, h, w)
+        return self.net(torch.cat([x0, pe], dim=1))
 
 
 def lep_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -401,3 +454,25 @@ def lep_from_tensors(sd: dict[str, torch.Tensor], meta: dict) -> LatentEdgePredi
     lep = LatentEdgePredictor(first.shape[1] - pe_dim, hidden, convs[-1][1].shape[0], pe_dim)
     lep.load_state_dict(sd)
     return lep.eval()
+
+
+HEAD_PREFIX = "head."
+
+
+def split_head(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A saved LEP file's tensors → (LEP tensors, denoised-head tensors without the prefix)."""
+    lep = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIX)}
+    head = {k[len(HEAD_PREFIX):]: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)}
+    return lep, head
+
+
+def head_from_tensors(sd: dict[str, torch.Tensor], meta: dict) -> DenoisedEdgeHead:
+    """Rebuild the denoised-latent head from its tensors (shapes read from the weights)."""
+    convs = sorted((int(k.split(".")[1]), v) for k, v in sd.items() if k.endswith(".weight") and v.dim() == 4)
+    if not convs:
+        raise LEPError("lep_name: the file's denoised-latent head has no weights; retrain the LEP")
+    pe_dim = int(meta.get("pe_dim", PE_DIM))
+    first, last = convs[0][1], convs[-1][1]
+    head = DenoisedEdgeHead(first.shape[1] - pe_dim, first.shape[0], len(convs) - 1, last.shape[0], pe_dim)
+    head.load_state_dict(sd)
+    return head.eval()

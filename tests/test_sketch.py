@@ -159,6 +159,12 @@ def test_training_lowers_the_loss_and_saves_metadata(trained, sk):
     assert sk.native_resolution(trained["model"]) == 64
     sd_a, sd_b = loaded.module.state_dict(), trained["lep"].module.state_dict()
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    # The fast form's denoised-latent head is trained on the same batches and saved in the same file.
+    head_losses = trained["report"]["head_losses"]
+    assert len(head_losses) == 30 and np.mean(head_losses[-8:]) < 0.8 * np.mean(head_losses[:8]), head_losses
+    assert loaded.head is not None and float(loaded.meta["final_head_loss"]) > 0
+    ha, hb = loaded.head.state_dict(), trained["lep"].head.state_dict()
+    assert set(ha) == set(hb) and all(torch.equal(ha[k], hb[k]) for k in ha)
 
 
 def test_training_resumes_from_checkpoint(sk, tiny, lep_dirs):
@@ -242,6 +248,86 @@ def test_guidance_lowers_the_lep_loss_both_forms(trained, sk):
     assert losses[1] < 0.8 * losses["unguided"], losses
 
 
+def test_stop_grad_after_last_layer_keeps_the_gradient_and_drops_the_tail(tiny):
+    """The paper form's forward stops recording autograd after the last LEP layer: same gradient, and the
+    full-resolution output blocks after it keep no graph (memory)."""
+    model, clip, _ = tiny.build_family("sd15", 0)       # ordinary (non-inference) weights
+    base = model.model
+    unet = base.diffusion_model
+    for p_ in unet.parameters():
+        p_.requires_grad_(False)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    sigma = base.model_sampling.sigma(torch.tensor([400.0]))
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle"))[0][0]
+    seen = {}
+    tail = unet.output_blocks[-1][-1].register_forward_hook(lambda m, i, o: seen.__setitem__("tail", o.requires_grad))
+    grads, outs = {}, {}
+    try:
+        for stop in (False, True):
+            xg = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                with lep.FeatureCapture(unet, "sd15", stop_grad_after_last=stop) as cap:
+                    outs[stop] = base.apply_model(xg, sigma, c_crossattn=cond)
+                    feats = cap.take()
+                assert torch.is_grad_enabled()          # restored when the block ends
+                loss = sum(f.float().pow(2).mean() for f in feats)
+                grads[stop] = torch.autograd.grad(loss, xg)[0]
+            assert seen["tail"] is (not stop)
+    finally:
+        tail.remove()
+    assert torch.equal(outs[False], outs[True])
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+    assert grads[True].abs().sum() > 0
+
+
+def _final_head_loss(sk, trained, latent, sketch) -> float:
+    """The fast form's own measure: the denoised-latent head's loss on the finished latent (t = 0)."""
+    base = trained["model"].model
+    target = sk.sketch_target(trained["vae"], trained["model"], sketch)
+    x0 = base.latent_format.process_in(latent)
+    return float(lep.lep_loss(trained["lep"].head(x0, torch.tensor([0.0])), target).mean())
+
+
+def test_fast_form_beta_zero_is_bit_identical_and_skips_the_unet_backward(trained, sk):
+    with torch.inference_mode():
+        plain = _sample(trained["model"], trained["clip"])
+        m, state = sk.patch_model(trained["model"], trained["lep"], trained["vae"], _sketch_image(), beta=0.0,
+                                  end_percent=1.0, form="fast")
+        same = _sample(m, trained["clip"])
+        m, state = sk.patch_model(trained["model"], trained["lep"], trained["vae"], _sketch_image(), beta=1.6,
+                                  end_percent=1.0, form="fast")
+        guided = _sample(m, trained["clip"])
+    assert torch.equal(plain, same)
+    assert state.stats["fresh"] == 6 and not torch.equal(plain, guided)
+    assert "weight_copies" not in state.stats   # no autograd through the UNet: its weights were never copied
+
+
+def test_fast_form_lowers_the_sketch_losses(trained, sk):
+    sketch = _sketch_image()
+    res = {"unguided": [], "fast": []}
+    with torch.inference_mode():
+        for seed in (1, 2, 3):
+            plain = _sample(trained["model"], trained["clip"], seed=seed, steps=8)
+            m, state = sk.patch_model(trained["model"], trained["lep"], trained["vae"], sketch, beta=1.6,
+                                      start_percent=0.0, end_percent=0.5, form="fast")
+            out = _sample(m, trained["clip"], seed=seed, steps=8)
+            assert state.stats["fresh"] == 4, state.stats
+            for key, lat in (("unguided", plain), ("fast", out)):
+                res[key].append((_final_head_loss(sk, trained, lat, sketch), _final_lep_loss(sk, trained, lat, sketch)))
+    head = {k: np.mean([a for a, _ in v]) for k, v in res.items()}
+    lep_l = {k: np.mean([b for _, b in v]) for k, v in res.items()}
+    assert head["fast"] < 0.8 * head["unguided"], (head, lep_l)
+
+
+def test_fast_form_needs_a_head(trained, sk):
+    headless = sk.LEPModel(trained["lep"].module, trained["lep"].meta, None)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="no denoised-latent head"):
+            sk.patch_model(trained["model"], headless, trained["vae"], _sketch_image(), form="fast")
+        with pytest.raises(ValueError, match="form: 'slow'"):
+            sk.patch_model(trained["model"], trained["lep"], trained["vae"], _sketch_image(), form="slow")
+
+
 def test_guidance_survives_lora_patched_weights(trained, sk):
     model = trained["model"].clone()
     keys = [k for k in model.model_state_dict() if k.startswith("diffusion_model.") and k.endswith(".weight")][:12]
@@ -309,3 +395,9 @@ def test_graph_ksampler_and_custom_sampler(run_graph, trained, lep_dirs):
     assert not out.get("error"), out
     guided = out["values"]["34"][0]["samples"]
     assert guided.shape == plain.shape and not torch.equal(guided, plain) and torch.isfinite(guided).all()
+    # The fast form through the same graph (SamplerCustomAdvanced): it guides too, differently.
+    extra["22"]["inputs"]["form"] = "fast"
+    fast = run_graph({**custom, "22": extra["22"]}, want=["34"])
+    assert not fast.get("error"), fast
+    fast_s = fast["values"]["34"][0]["samples"]
+    assert torch.isfinite(fast_s).all() and not torch.equal(fast_s, plain) and not torch.equal(fast_s, guided)
