@@ -10,7 +10,9 @@
    per prompt), each an API graph a user would build:
      unguided          Mini -> KSampler
      guided b=...      Mini -> AtelierSketchGuidance(LEPLoader, LoadImage sketch) -> KSampler (default window
-                       0-50 %, grad_every 1)
+                       0-50 %, grad_every 1, form paper: a backward through the UNet on every guided step)
+     fast b=...        the same with form fast (gradient on the denoised latent through the LEP file's
+                       denoised-latent head: no UNet backward)
      sdedit d=...      LoadImage sketch -> VAEEncode -> KSampler at denoise d (the image-only baseline)
 3. Scores (models/metrics.py): sketch adherence (edge F1 within 2 px, precision, recall, Chamfer px) of the
    image's edges against the sketch; its "shuffled" level (image i against sketch i+1: what any image of the
@@ -59,14 +61,14 @@ def graph_unguided(text, seed, steps, cfg):
     return g
 
 
-def graph_guided(text, seed, steps, cfg, sketch_file, lep_name, beta):
+def graph_guided(text, seed, steps, cfg, sketch_file, lep_name, beta, form="paper"):
     g = base_graph(text, seed, steps, cfg, ["10", 0], ["4", 0], 1.0)
     g["4"] = {"class_type": "EmptyLatentImage", "inputs": {"width": PX, "height": PX, "batch_size": 1}}
     g["8"] = {"class_type": "LoadImage", "inputs": {"image": sketch_file}}
     g["9"] = {"class_type": "AtelierLEPLoader", "inputs": {"lep_name": lep_name}}
     g["10"] = {"class_type": "AtelierSketchGuidance", "inputs": {
         "model": ["1", 0], "lep": ["9", 0], "vae": ["1", 2], "sketch": ["8", 0], "beta": beta,
-        "start_percent": 0.0, "end_percent": 0.5, "grad_every": 1}}
+        "start_percent": 0.0, "end_percent": 0.5, "grad_every": 1, "form": form}}
     return g
 
 
@@ -85,6 +87,8 @@ def main():
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--betas", default="0.5,1,1.6", help="guidance strengths (1.6 = the node's default)")
     ap.add_argument("--denoise", default="0.6,0.8", help="SDEdit denoise levels")
+    ap.add_argument("--forms", default="paper,fast", help="guidance forms (paper: UNet backward; fast: "
+                                                          "denoised-latent head)")
     ap.add_argument("--train-steps", type=int, default=None, help="LEP training steps (default 1500; 5 quick)")
     ap.add_argument("--train-images", type=int, default=None, help="world training images (default 512; 64 quick)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -155,6 +159,7 @@ def main():
     training = {"name": lep_name, "path": rep["path"], "steps": train_steps, "batch_size": ns.batch_size,
                 "lr": ns.lr, "images": ns.train_images, "seconds": round(train_s, 1),
                 "skipped_already_trained": bool(rep.get("skipped")), "final_loss": rep["final_loss"],
+                "final_head_loss": rep.get("final_head_loss", float(lep.meta.get("final_head_loss", "nan"))),
                 "first_loss_mean_of_%d" % k: curve[0] if curve else None,
                 "last_loss_mean_of_%d" % k: curve[-1] if curve else None, "curve_means_of_%d" % k: curve}
     print(f"LEP {lep_name}: {train_steps} steps in {train_s:.0f}s; loss {training}")
@@ -182,15 +187,22 @@ def main():
                     x0.shape, generator=torch.Generator().manual_seed(i)), x0)
                 kw = sk.encode_text(base, clip, p.caption, z)
                 with L.FeatureCapture(base.diffusion_model, FAMILY) as cap:
-                    base.apply_model(z, sigma, **kw)
+                    x0_hat = base.apply_model(z, sigma, **kw)
                     f = L.concat_features(cap.take(), tuple(z.shape[-2:]))
+
+                def corr(pred):
+                    a = (pred - pred.mean((2, 3), keepdim=True)).flatten()
+                    b = (tgt - tgt.mean((2, 3), keepdim=True)).flatten()
+                    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
                 pred = lep.module(f, t)
-                a, b = (pred - pred.mean((2, 3), keepdim=True)).flatten(), (tgt - tgt.mean((2, 3), keepdim=True)).flatten()
-                vals.append((float(L.lep_loss(pred, tgt).mean()), float(L.lep_loss(const, tgt).mean()),
-                             float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))))
+                hpred = lep.head(x0_hat.float(), t)
+                vals.append((float(L.lep_loss(pred, tgt).mean()), float(L.lep_loss(const, tgt).mean()), corr(pred),
+                             float(L.lep_loss(hpred, tgt).mean()), corr(hpred)))
             held.append({"t": t_val, "lep_loss": float(np.mean([v[0] for v in vals])),
                          "constant_map_loss": float(np.mean([v[1] for v in vals])),
-                         "spatial_corr": float(np.mean([v[2] for v in vals]))})
+                         "spatial_corr": float(np.mean([v[2] for v in vals])),
+                         "head_loss": float(np.mean([v[3] for v in vals])),
+                         "head_spatial_corr": float(np.mean([v[4] for v in vals]))})
         training["held_out"] = held
     print("held-out LEP loss on the benchmark sketches (vs the best constant map; spatial correlation):", held)
     if ns.train_only:
@@ -209,9 +221,12 @@ def main():
     betas = [float(b) for b in ns.betas.split(",") if b.strip()]
     denoises = [float(d) for d in ns.denoise.split(",") if d.strip()]
     cases = [("unguided", lambda i, p: graph_unguided(p.caption, i, ns.steps, ns.cfg))]
-    for b in betas:
-        cases.append((f"guided b={b:g}", lambda i, p, b=b: graph_guided(
-            p.caption, i, ns.steps, ns.cfg, sketch_files[i], lep_name + ".safetensors", b)))
+    forms = [f.strip() for f in ns.forms.split(",") if f.strip()]
+    for form in forms:
+        for b in betas:
+            label = f"guided b={b:g}" if form == "paper" else f"{form} b={b:g}"
+            cases.append((label, lambda i, p, b=b, form=form: graph_guided(
+                p.caption, i, ns.steps, ns.cfg, sketch_files[i], lep_name + ".safetensors", b, form)))
     for d in denoises:
         cases.append((f"sdedit d={d:g}", lambda i, p, d=d: graph_sdedit(
             p.caption, i, ns.steps, ns.cfg, sketch_files[i], d)))
@@ -289,7 +304,8 @@ def main():
         "note": "sketch = world's clean edge map of the prompt's scene (1 px, black on white); edge F1 within "
                 "2 px and Chamfer (px) of metrics.image_edges(image) vs the sketch; shuffled_*: image i vs "
                 "sketch i+1; prompt_*: metrics.prompt_adherence; guided = AtelierSketchGuidance window 0-50%, "
-                "grad_every 1; sdedit = VAEEncode(sketch picture) + KSampler at denoise d"})
+                "grad_every 1, form paper (UNet backward); fast = the same node with form fast (gradient on the "
+                "denoised latent through the LEP's head, no UNet backward); sdedit = VAEEncode(sketch picture) + KSampler at denoise d"})
 
 
 if __name__ == "__main__":

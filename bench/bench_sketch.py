@@ -1,12 +1,14 @@
 """Sketch guidance cost: the core KSampler vs the paper's form (a backward through the UNet on every guided
-step, grad_every 1) vs the cheaper form (fresh gradient every 2nd guided step, direction reused), on the
+step, grad_every 1) vs the fast form (form "fast": the gradient is taken on the denoised latent through the
+LEP file's small denoised-latent head, no UNet backward) vs grad_every 2 (a fresh paper-form gradient every
+2nd guided step, direction reused), on the
 full-size SD1.5 UNet (random weights, built under inference mode like a loader's) at 256 px, fp32, cfg 8,
 window 0-50%. Wall time and peak RSS above the pre-run level (a sampling thread), plus the size of the
 per-run non-inference weight copies. Then adherence on the tiny SD1.5 model: the final latent's LEP loss
-against a sketch (lower is better) for unguided / paper / cheaper, over a few seeds, with an LEP trained
+against a sketch (lower is better) for unguided / paper / fast / grad_every 2, over a few seeds, with an LEP trained
 here for a few dozen steps (random weights: a plumbing-level signal, not image quality).
 
-    python bench/bench_sketch.py [--steps 4] [--no-full] [--threads 1]
+    python bench/bench_sketch.py [--steps 8] [--no-full] [--threads 1]
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def main():
     sketch[:, 64:192, 60:66] = 0.0
     sketch[:, 60:66, 64:192] = 0.0
     if not ns.no_full:
-        steps = ns.steps or (2 if quick else 4)
+        steps = ns.steps or (2 if quick else 8)
         with torch.inference_mode():
             model = build_full_sd15(torch.float32)
             _m, _c, vae = tiny.build_family("sd15", 0)    # the VAE only encodes the sketch (timing-neutral)
@@ -76,14 +78,16 @@ def main():
             latent = {"samples": torch.zeros(1, 4, 32, 32)}
             channels = 320 + 640 + 1280 + 3 * 1280 + 1280 + 1280 + 640
         with torch.inference_mode(False):
-            lepm = sk.LEPModel(L.LatentEdgePredictor(channels).eval(), {"family": "sd15"})
+            lepm = sk.LEPModel(L.LatentEdgePredictor(channels).eval(), {"family": "sd15"}, L.DenoisedEdgeHead().eval())
         reps = 1 if quick else 3
         with torch.inference_mode():
             ksampler(model, cond, uncond, latent, 1, cfg=8.0)          # warm-up / load
             modes = {"core KSampler": None}
-            for every, label in ((1, "paper form (grad every guided step)"), (2, "cheaper form (grad_every 2)")):
+            for every, form, label in ((1, "paper", "paper form (grad every guided step)"),
+                                       (1, "fast", "fast form (denoised-latent head)"),
+                                       (2, "paper", "paper form, grad_every 2")):
                 modes[label] = sk.patch_model(model, lepm, vae, sketch, beta=1.6, start_percent=0.0,
-                                              end_percent=0.5, grad_every=every)
+                                              end_percent=0.5, grad_every=every, form=form)
             times = {k: [] for k in modes}
             mems = {k: [] for k in modes}
             copies = {}
@@ -104,6 +108,10 @@ def main():
                        "ratio_per_repeat": [round(a / b, 2) for a, b in zip(times[label], times["core KSampler"])]}
                 if label in copies:
                     row["weight_tensors_copied"] = copies[label]
+                if modes[label] is not None:
+                    st = modes[label][1].stats
+                    row["fresh_gradients_per_run"] = st["fresh"] / reps
+                    row["reused_directions_per_run"] = st["reused"] / reps
                 rows.append(row)
             extra["weight_copy_mb"] = sum(p.numel() * p.element_size()
                                           for p in model.model.diffusion_model.parameters()) / 2**20
@@ -150,14 +158,14 @@ def main():
                 return float(L.lep_loss(lepm.module(f, t), target).mean())
 
             seeds = (1, 2, 3) if quick else (1, 2, 3, 4, 5, 6)
-            res = {"unguided": [], "paper": [], "cheaper": []}
+            res = {"unguided": [], "paper": [], "fast": [], "grad_every 2": []}
             for seed in seeds:
                 def run(mm_):
                     return nodes.common_ksampler(mm_, seed, 8, 8.0, "euler", "normal", pos, neg,
                                                  {"samples": torch.zeros(1, 4, 8, 8)})[0]["samples"]
                 res["unguided"].append(final_loss(run(model)))
-                for every, key in ((1, "paper"), (2, "cheaper")):
-                    m, _ = sk.patch_model(model, lepm, vae, sk_img, beta=1.6, grad_every=every)
+                for every, form, key in ((1, "paper", "paper"), (1, "fast", "fast"), (2, "paper", "grad_every 2")):
+                    m, _ = sk.patch_model(model, lepm, vae, sk_img, beta=1.6, grad_every=every, form=form)
                     res[key].append(final_loss(run(m)))
             for key, v in res.items():
                 rows.append({"case": f"tiny adherence: {key}", "steps": 8, "lep_loss_mean": float(np.mean(v)),

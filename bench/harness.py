@@ -70,7 +70,8 @@ def timeit(fn, repeats: int = 3, warmup: int = 1) -> dict:
 
 
 def report(name: str, rows: list[dict], extra: dict | None = None, out_dir: Path | None = None) -> dict:
-    """Print a short table and the JSON document; also write bench/results/<name>.json."""
+    """Print a short table and the JSON document; also write bench/results/<name>.json
+    (bench/results/quick/<name>.json for a smoke run)."""
     doc = {"bench": name, "device": device_info(), "rows": rows, **(extra or {})}
     cols = [c for c in ("case", "median_s", "per_step_s", "ratio", "peak_mb") if any(c in r for r in rows)]
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
@@ -78,7 +79,8 @@ def report(name: str, rows: list[dict], extra: dict | None = None, out_dir: Path
     for r in rows:
         print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in cols))
     print(json.dumps(doc, indent=2, default=str))
-    out_dir = out_dir or ROOT / "bench" / "results"
+    # A smoke run (ATELIER_BENCH_QUICK=1) never overwrites a full run's figures.
+    out_dir = out_dir or ROOT / "bench" / "results" / ("quick" if quick() else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2, default=str))
     return doc
