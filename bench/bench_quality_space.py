@@ -299,6 +299,11 @@ def main():
             w, l_ = sum(x > 1e-9 for x in d), sum(x < -1e-9 for x in d)
             row["iou_wins_vs_plain"], row["iou_losses_vs_plain"] = w, l_
             row["sign_p_vs_plain"] = sign_test(w, l_)
+            # the other way: the colours in the wrong region (swapped IoU) — lower is better
+            d = [(s["swap_a"] + s["swap_b"]) - (p["swap_a"] + p["swap_b"]) for s, p in zip(scores[m], scores["plain"])]
+            w, l_ = sum(x < -1e-9 for x in d), sum(x > 1e-9 for x in d)
+            row["swap_wins_vs_plain"], row["swap_losses_vs_plain"] = w, l_
+            row["swap_sign_p_vs_plain"] = sign_test(w, l_)
         rows.append(row)
     rows.append({"case": "ceiling (world render)", "n": n, **ceiling})
 
@@ -312,7 +317,8 @@ def main():
     for r in rows:
         if "iou_wins_vs_plain" in r:
             print(f"{r['case']}: IoU(A,r1)+IoU(B,r2) above plain in {r['iou_wins_vs_plain']}/{n} cases, below in "
-                  f"{r['iou_losses_vs_plain']} (sign test p = {r['sign_p_vs_plain']:.2g})")
+                  f"{r['iou_losses_vs_plain']} (sign test p = {r['sign_p_vs_plain']:.2g}); swapped IoU below plain in "
+                  f"{r['swap_wins_vs_plain']}, above in {r['swap_losses_vs_plain']} (p = {r['swap_sign_p_vs_plain']:.2g})")
 
     grid = ns.grid if ns.grid is not None else str(harness.ROOT / "out" / "bench" / f"quality_space_{ns.family}_{ns.regions}{ns.tag}.png")
     if grid:
