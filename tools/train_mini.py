@@ -211,13 +211,15 @@ def _realign_old_state(saved: dict, opt: torch.optim.Optimizer) -> dict:
     return out
 
 
-def set_lr(opt, lr: float, step: int, total: int, warmup: int, schedule: str = "cosine"):
+def set_lr(opt, lr: float, step: int, total: int, warmup: int, schedule: str = "cosine", anneal: int = 0):
     """Linear warmup, then cosine down to 10% ("cosine") or constant ("const": a run stopped
-    early at step k equals a run with --steps k, so the UNet phase can be cut to the time left)."""
+    early at step k equals a run with --steps k, so the UNet phase can be cut to the time left).
+    ``anneal`` > 0 with "const": the last ``anneal`` steps go down to 10% on a cosine."""
     if step < warmup:
         f = (step + 1) / warmup
     elif schedule == "const":
-        f = 1.0
+        k = step - (total - anneal)
+        f = 1.0 if anneal <= 0 or k < 0 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, k / anneal)))
     else:
         f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     for g in opt.param_groups:
@@ -364,7 +366,7 @@ def trainable(base, cond_model) -> dict[str, torch.nn.Parameter]:
 
 def train_unet(base, cond_model, family: str, px: int, x0_all, toks, empty, seed: int, steps: int,
                batch: int, lr: float, ckpt: Checkpoint | None, every: int, resume: bool, curve: list,
-               log_every: int = 100):
+               log_every: int = 100, anneal: int = 0):
     from tqdm import tqdm
     make_trainable_clip(cond_model)
     named = trainable(base, cond_model)
@@ -396,7 +398,7 @@ def train_unet(base, cond_model, family: str, px: int, x0_all, toks, empty, seed
         idx = torch.randint(0, n, (batch,), generator=g)
         drop = torch.rand(batch, generator=g) < CAPTION_DROP
         tk = {k: torch.where(drop[:, None], empty[k][None], v[idx]) for k, v in toks.items()}
-        set_lr(opt, lr, step, steps, min(200, steps // 10 + 1), "const")
+        set_lr(opt, lr, step, steps, min(200, steps // 10 + 1), "const", anneal)
         loss = eps_loss(base, cond_model, family, px, x0_all[idx], tk, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -433,7 +435,8 @@ def train_unet(base, cond_model, family: str, px: int, x0_all, toks, empty, seed
 def train(family: str, seed: int = 0, steps: int = 6000, vae_steps: int = 600, data: int | None = None,
           batch: int | None = None, lr: float | None = None, out: str | Path | None = None,
           ckpt_dir: str | Path | None = None, resume: bool = False, every: int = 250,
-          vae_batch: int | None = None, log_every: int | None = None, vae_from: str | Path | None = None) -> dict:
+          vae_batch: int | None = None, log_every: int | None = None, vae_from: str | Path | None = None,
+          anneal: int = 0) -> dict:
     """Train one family; write the Mini file to ``out`` (if given); return a summary dict.
 
     ``log_every``: loss-curve interval (default 50 VAE / 100 UNet steps; 1 records every step's
@@ -477,7 +480,7 @@ def train(family: str, seed: int = 0, steps: int = 6000, vae_steps: int = 600, d
 
     unet_curve: list = []
     r = train_unet(base, cond_model, family, px, x0_all, toks, empty, seed, steps, batch, lr,
-                   ckpt, every, resume, unet_curve, log_every or 100)
+                   ckpt, every, resume, unet_curve, log_every or 100, anneal)
     unet_loss, steps = r["loss"], r["steps"]
     if unet_loss is None and unet_curve:  # nothing left to train (export of a finished checkpoint)
         unet_loss = unet_curve[-1][1]
@@ -486,7 +489,8 @@ def train(family: str, seed: int = 0, steps: int = 6000, vae_steps: int = 600, d
     seconds = vae_seconds + r["seconds"]
     summary = {
         "family": family, "seed": seed, "steps": steps, "vae_steps": vae_steps, "batch": batch,
-        "vae_batch": vae_batch, "vae_from": str(vae_from or ""), "lr": lr, "data": data, "px": px,
+        "vae_batch": vae_batch, "vae_from": str(vae_from or ""), "lr": lr, "anneal": anneal, "data": data,
+        "px": px,
         "train_seconds": round(seconds, 1), "hardware": hardware(),
         "final_vae_loss": vae_loss, "final_unet_loss": unet_loss,
         "vae_curve": vae_curve, "unet_curve": unet_curve,
@@ -502,7 +506,7 @@ def write_weights(path, fmt, family, base, cond_model, taesd, toks, empty, summa
     emb_keys = tuple(f"clip.{k}" for k in cond_model.state_dict() if k.endswith("token_embedding.weight"))
     flat = fmt.pack({"unet": base.diffusion_model.state_dict(), "clip": cond_model.state_dict(),
                      "vae": taesd.state_dict()}, token_ids=ids, embedding_keys=emb_keys)
-    meta = {k: str(summary[k]) for k in ("family", "seed", "steps", "vae_steps", "batch", "lr", "data", "px",
+    meta = {k: str(summary[k]) for k in ("family", "seed", "steps", "vae_steps", "batch", "lr", "anneal", "data", "px",
                                          "train_seconds", "hardware", "vae_from")}
     meta.update({"format": fmt.FORMAT, "vocabulary": json.dumps(list(world.VOCABULARY)),
                  "loss": json.dumps({"vae": summary["final_vae_loss"], "unet": summary["final_unet_loss"]}),
@@ -537,13 +541,15 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="weights file (default weights/atelier_mini_<family>.safetensors)")
     ap.add_argument("--ckpt-dir", default=None, help="default out/mini_ckpt/<family>_seed<seed>")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --ckpt-dir")
+    ap.add_argument("--anneal", type=int, default=0,
+                    help="the last N UNet steps lower the learning rate to 10%% on a cosine (default 0: constant)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     out = args.out or ROOT / "weights" / f"atelier_mini_{args.family}.safetensors"
     ckpt_dir = args.ckpt_dir or ROOT / "out" / "mini_ckpt" / f"{args.family}_seed{args.seed}"
     summary = train(args.family, args.seed, args.steps, args.vae_steps, args.data, args.batch, args.lr, out,
-                    ckpt_dir, args.resume, args.every, args.vae_batch, None, args.vae_from)
+                    ckpt_dir, args.resume, args.every, args.vae_batch, None, args.vae_from, args.anneal)
     print(json.dumps({k: v for k, v in summary.items() if not k.endswith("curve")}, indent=1))
 
 
