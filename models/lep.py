@@ -160,6 +160,17 @@ def timestep_encoding(t: torch.Tensor, dim: int = PE_DIM, max_period: float = 10
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def with_timestep(x: torch.Tensor, timestep: torch.Tensor, pe_dim: int) -> torch.Tensor:
+    """x (B, C, H, W) with the timestep's sinusoidal encoding appended to every pixel: (B, C + pe_dim, H, W).
+    A single timestep is broadcast over the batch."""
+    b, _, h, w = x.shape
+    t = timestep.reshape(-1).to(x.device)
+    if t.numel() == 1:
+        t = t.expand(b)
+    pe = timestep_encoding(t, pe_dim).to(x.dtype)[:, :, None, None].expand(b, pe_dim, h, w)
+    return torch.cat([x, pe], dim=1)
+
+
 class LatentEdgePredictor(nn.Module):
     """Per-pixel MLP: (B, C, H, W) features + timestep → (B, 4, H, W) predicted edge latent."""
 
@@ -180,12 +191,7 @@ class LatentEdgePredictor(nn.Module):
         if feats.shape[1] != self.in_channels:
             raise LEPError(f"lep: expects {self.in_channels} feature channels, the model gave {feats.shape[1]}; "
                            "the LEP was trained on a different model architecture")
-        b, _, h, w = feats.shape
-        t = timestep.reshape(-1).to(feats.device)
-        if t.numel() == 1:
-            t = t.expand(b)
-        pe = timestep_encoding(t, self.pe_dim).to(feats.dtype)[:, :, None, None].expand(b, self.pe_dim, h, w)
-        return self.net(torch.cat([feats, pe], dim=1))
+        return self.net(with_timestep(feats, timestep, self.pe_dim))
 
 
 class DenoisedEdgeHead(nn.Module):
@@ -211,12 +217,7 @@ class DenoisedEdgeHead(nn.Module):
         if x0.shape[1] != self.in_channels:
             raise LEPError(f"lep: the denoised-latent head expects {self.in_channels} latent channels, the model "
                            f"gave {x0.shape[1]}; the LEP was trained on a different model family")
-        b, _, h, w = x0.shape
-        t = timestep.reshape(-1).to(x0.device)
-        if t.numel() == 1:
-            t = t.expand(b)
-        pe = timestep_encoding(t, self.pe_dim).to(x0.dtype)[:, :, None, None].expand(b, self.pe_dim, h, w)
-        return self.net(torch.cat([x0, pe], dim=1))
+        return self.net(with_timestep(x0, timestep, self.pe_dim))
 
 
 def lep_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -81,12 +81,20 @@ class LEPModel:
     def family(self) -> str:
         return self.meta.get("family", "")
 
-    def fresh_copy(self, device) -> L.LatentEdgePredictor:
-        """A copy whose weights are ordinary (not inference) tensors, so autograd can run through it."""
+    @staticmethod
+    def _ordinary_copy(module: torch.nn.Module, make, device):
+        """``make()``'s module with ``module``'s weights as ordinary (not inference) tensors, so autograd can
+        run through it."""
         with torch.inference_mode(False):
-            m = L.LatentEdgePredictor(self.module.in_channels, self.module.hidden, L.OUT_CHANNELS, self.module.pe_dim)
-            m.load_state_dict({k: v.clone() for k, v in self.module.state_dict().items()})
+            m = make()
+            m.load_state_dict({k: v.clone() for k, v in module.state_dict().items()})
             return m.to(device).eval()
+
+    def fresh_copy(self, device) -> L.LatentEdgePredictor:
+        """The LEP as ordinary tensors (the paper form)."""
+        p = self.module
+        return self._ordinary_copy(p, lambda: L.LatentEdgePredictor(p.in_channels, p.hidden, L.OUT_CHANNELS,
+                                                                   p.pe_dim), device)
 
     def fresh_head(self, device) -> L.DenoisedEdgeHead:
         """The denoised-latent head as ordinary tensors (the cheaper guidance form); a clear error if the
@@ -95,10 +103,8 @@ class LEPModel:
             raise L.LEPError("form: this LEP file has no denoised-latent head (it was trained before the fast form "
                              "existed); retrain it with Atelier Train Latent Edge Predictor or use form 'paper'")
         h = self.head
-        with torch.inference_mode(False):
-            m = L.DenoisedEdgeHead(h.in_channels, h.hidden, h.depth, L.OUT_CHANNELS, h.pe_dim)
-            m.load_state_dict({k: v.clone() for k, v in h.state_dict().items()})
-            return m.to(device).eval()
+        return self._ordinary_copy(h, lambda: L.DenoisedEdgeHead(h.in_channels, h.hidden, h.depth, L.OUT_CHANNELS,
+                                                                 h.pe_dim), device)
 
 
 def save_lep(module: L.LatentEdgePredictor, path: str, meta: dict, head: L.DenoisedEdgeHead | None = None) -> None:
