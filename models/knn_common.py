@@ -10,10 +10,12 @@ import re
 import uuid
 from pathlib import Path
 
+from .errors import AtelierError
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-class KNNError(Exception):
+class KNNError(AtelierError):
     """A problem the user can fix; the message says what happened and what to do."""
 
 

@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import AtelierError
+
 HIDDEN = (512, 256, 128, 64)
 OUT_CHANNELS = 4
 PE_DIM = 32  # sinusoidal timestep encoding width
@@ -53,7 +55,7 @@ LAYERS: dict[str, tuple[tuple[str, int, int | None], ...]] = {
 }
 
 
-class LEPError(ValueError):
+class LEPError(AtelierError):
     """Bad input for the sketch/LEP code; the message names the input and the fix."""
 
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import torch
 
+from .errors import AtelierError
+
 FORMAT = "atelier-mini/1"
 QUANT_MIN = 4096
 PREFIXES = ("unet.", "clip.", "vae.")
 
 
-class MiniFormatError(ValueError):
+class MiniFormatError(AtelierError):
     """A Mini weights file is incomplete or inconsistent."""
 
 

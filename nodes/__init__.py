@@ -6,6 +6,8 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import glue
+
 # One module per feature; each exports NODES. A feature whose optional dependency is missing
 # logs why and is skipped, so the rest of the pack still loads.
 FEATURES = ["tiny", "mini", "metrics", "knn", "sketch", "time_experts", "space_experts", "coop"]
@@ -19,7 +21,7 @@ def collect_nodes() -> list[type[io.ComfyNode]]:
         except ImportError as e:
             logging.warning("[Atelier] %s nodes not loaded: %s", name, e)
             continue
-        nodes.extend(mod.NODES)
+        nodes.extend(glue.guard_node(n) for n in mod.NODES)
     return nodes
 
 

@@ -29,6 +29,7 @@ import comfy.taesd.taesd
 import comfy.utils
 
 from ..models.seeded_init import seeded_init_
+from .glue import register_vae_scale
 
 _SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
@@ -126,6 +127,11 @@ def taesd_state_dict(seed: int, vae_scale: float = 1.0) -> dict:
 
 def build_vae(family: str, seed: int):
     return comfy.sd.VAE(sd=taesd_state_dict(seed, FAMILIES[family]["vae_scale"]))
+
+
+# The tiny VAEs are TAESD-type: the family table knows them by the latent scale they record.
+for _fam, _spec in FAMILIES.items():
+    register_vae_scale(_fam, _spec["vae_scale"], f"Atelier tiny {_fam}")
 
 
 def build_family(family: str, seed: int = 0):

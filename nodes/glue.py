@@ -1,0 +1,452 @@
+"""Atelier's one glue layer between ComfyUI and the techniques: what every node needs to know about
+models, folders, files and bad input, written once.
+
+* Errors: ``AtelierError`` (models/errors.py) — every message names the node input and the fix.
+* Float inputs: every registered node's FLOAT inputs are checked for finiteness before it runs
+  (``guard_node``, applied to every class in ``nodes/__init__.collect_nodes``): NaN passes ComfyUI's
+  own min/max validation, so it is refused here, once, for all nodes.
+* Model families (``FAMILIES``, data): latent format, channels, the VAEs that belong to a family (by
+  structure: latent channels, downscale and, for TAESD-type VAEs, their recorded latent scale).
+  ``family_of``, ``check_vae``, ``check_same_family`` are what techniques call; the tiny and Mini
+  families register their VAEs here like any other (``register_vae_scale``).
+* User paths: ``resolve_user_folder`` resolves symlinks and refuses anything whose real path leaves
+  ComfyUI's input/output/temp folders and model folders (including those listed in
+  ``extra_model_paths.yaml``); ``list_files`` never follows a link out of the folder it lists.
+* Writes: ``WrittenFiles`` keeps a manifest of the files the pack wrote into a user folder, and
+  only those (unchanged since) are ever replaced or deleted; ``refuse_overwrite`` is the one
+  wording for "this name holds another file".
+* Files the pack loads: ``open_safetensors`` / ``load_safetensors`` / ``open_image`` turn a corrupt
+  or unreadable file into an error naming the file, what is wrong and what to do.
+* Long work: ``check_interrupt`` and ``interruptible`` (Cancel acts inside a model forward, not only
+  between steps), ``check_memory`` (refuse sizes the machine cannot hold, with the estimate).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_management as mm
+import folder_paths
+
+from ..models.errors import AtelierError, fail
+from ..models.knn_common import IMAGE_EXTENSIONS, atomic_write_bytes
+
+log = logging.getLogger("atelier")
+
+__all__ = ["AtelierError", "fail", "guard_node", "FAMILIES", "Family", "family_of", "family_row", "check_vae",
+           "vae_family", "register_vae_scale", "check_same_family", "allowed_roots", "resolve_user_folder",
+           "check_inside", "list_files", "WrittenFiles", "refuse_overwrite", "open_safetensors",
+           "load_safetensors", "open_image", "check_interrupt", "interruptible", "check_memory", "available_memory"]
+
+
+# ============================================================================ float inputs
+
+def _float_inputs(cls) -> list[str]:
+    try:
+        schema = cls.GET_SCHEMA()
+    except Exception:  # a schema that cannot be built fails elsewhere, loudly
+        return []
+    return [i.id for i in (schema.inputs or []) if str(getattr(i, "io_type", "")) == "FLOAT"]
+
+
+def _check_finite(cls, kwargs: dict) -> None:
+    for name in _float_inputs(cls):
+        v = kwargs.get(name)
+        if v is None or isinstance(v, bool):
+            continue
+        try:
+            ok = math.isfinite(float(v))
+        except (TypeError, ValueError):
+            continue  # not a plain number (ComfyUI's own type check speaks for it)
+        if not ok:
+            raise fail(name, f"{v} is not a finite number", "type a number within the widget's range")
+
+
+def guard_node(cls):
+    """Wrap ``cls.execute`` so every FLOAT input is checked for finiteness first (sync or async)."""
+    if getattr(cls, "_atelier_guarded", False):
+        return cls
+    func = inspect.getattr_static(cls, "execute").__func__
+    if inspect.iscoroutinefunction(func):
+        @functools.wraps(func)
+        async def execute(klass, *args, **kwargs):
+            _check_finite(klass, kwargs)
+            return await func(klass, *args, **kwargs)
+    else:
+        @functools.wraps(func)
+        def execute(klass, *args, **kwargs):
+            _check_finite(klass, kwargs)
+            return func(klass, *args, **kwargs)
+    cls.execute = classmethod(execute)
+    cls._atelier_guarded = True
+    return cls
+
+
+# ============================================================================ model families
+
+@dataclass
+class Family:
+    """One row of the family table: what every technique may know about a model family."""
+    name: str
+    latent_format: type
+    channels: int
+    #: latent scales recorded by TAESD-type VAEs of this family (ComfyUI's taesd loaders, Atelier's own)
+    vae_scales: dict[float, str] = field(default_factory=dict)
+    label: str = ""
+
+
+FAMILIES: dict[str, Family] = {
+    "sd15": Family("sd15", comfy.latent_formats.SD15, 4, {0.18215: "TAESD"}, "SD1.5"),
+    "sdxl": Family("sdxl", comfy.latent_formats.SDXL, 4, {0.13025: "TAESDXL"}, "SDXL"),
+    "sd3": Family("sd3", comfy.latent_formats.SD3, 16, {1.5305: "TAESD3"}, "SD3"),
+    "flux": Family("flux", comfy.latent_formats.Flux, 16, {0.3611: "TAEF1"}, "Flux"),
+}
+
+
+def register_vae_scale(family: str, scale: float, source: str) -> None:
+    """Record that a TAESD-type VAE with latent scale ``scale`` belongs to ``family`` (Atelier's tiny
+    and Mini VAEs register theirs when they are built)."""
+    FAMILIES[family].vae_scales[round(float(scale), 4)] = source
+
+
+def family_row(model) -> Family | None:
+    """The family of a MODEL, from its latent format (exact class, so subclasses such as SDXL's
+    Playground format are not mistaken for SDXL), or None."""
+    fmt = getattr(getattr(model, "model", None), "latent_format", None)
+    for fam in FAMILIES.values():
+        if type(fmt) is fam.latent_format:
+            return fam
+    return None
+
+
+def family_of(model) -> str | None:
+    """'sd15' / 'sdxl' / 'sd3' / 'flux' / None for a MODEL (real files, tiny and Mini alike)."""
+    row = family_row(model)
+    return row.name if row else None
+
+
+def _downscale(vae) -> int | None:
+    r = getattr(vae, "downscale_ratio", 8)
+    return r if isinstance(r, int) else None
+
+
+def vae_family(vae) -> str | None:
+    """The family a VAE belongs to, where its structure tells (TAESD-type VAEs record their latent
+    scale); None for full AutoencoderKL VAEs, which are the same network for SD1.5 and SDXL."""
+    scale = getattr(getattr(vae, "first_stage_model", None), "vae_scale", None)
+    if scale is None or not torch.is_tensor(scale) or scale.numel() != 1:
+        return None
+    v = float(scale.detach().float())
+    for fam in FAMILIES.values():
+        if any(abs(v - k) < 1e-4 for k in fam.vae_scales):
+            return fam.name
+    return None
+
+
+def check_vae(model, vae, model_input: str = "model", vae_input: str = "vae") -> None:
+    """Refuse a VAE that cannot be ``model``'s: latent channels, a fixed downscale factor and, where the
+    VAE's structure tells its family, the family."""
+    if model is None or not hasattr(model, "model"):
+        raise fail(model_input, "expected a MODEL", "connect a model loader's MODEL output")
+    if vae is None or not hasattr(vae, "first_stage_model"):
+        raise fail(vae_input, "expected a VAE", "connect a VAE (Load Checkpoint's VAE output or Load VAE)")
+    fmt = model.model.latent_format
+    row = family_row(model)
+    label = row.label if row else type(fmt).__name__
+    if getattr(fmt, "latent_dimensions", 2) != 2:
+        raise fail(model_input, "video/audio latents are not supported", "use an image model")
+    if getattr(vae, "latent_channels", None) != fmt.latent_channels:
+        raise fail(vae_input, f"this VAE makes {getattr(vae, 'latent_channels', '?')}-channel latents but "
+                              f"{model_input} ({label}) works on {fmt.latent_channels} channels",
+                   f"connect the VAE that belongs to {model_input}'s checkpoint")
+    if _downscale(vae) is None:
+        raise fail(vae_input, "not an image VAE with a fixed downscale factor", "connect an image VAE")
+    fam_v = vae_family(vae)
+    if fam_v is not None and row is not None and fam_v != row.name:
+        raise fail(vae_input, f"this is a {FAMILIES[fam_v].label} VAE but {model_input} is {label}",
+                   f"connect the VAE of {model_input}'s own checkpoint (mixed up two models?)")
+
+
+def check_same_family(base, other, base_input: str, other_input: str, why: str = "") -> None:
+    """Refuse ``other`` when its latent family or conditioning width differs from ``base``'s."""
+    fa, fb = family_row(base), family_row(other)
+    la = fa.label if fa else type(base.model.latent_format).__name__
+    lb = fb.label if fb else type(other.model.latent_format).__name__
+    if type(base.model.latent_format) is not type(other.model.latent_format):
+        raise fail(other_input, f"its model family ({lb}) differs from {base_input}'s ({la})",
+                   why or f"use a model of the {la} family")
+    ca, cb = _context_dim(base), _context_dim(other)
+    if ca is not None and cb is not None and ca != cb:
+        raise fail(other_input, f"it takes {cb}-wide text conditioning, {base_input} takes {ca}",
+                   why or f"use a model of the same family as {base_input}")
+
+
+def _context_dim(model):
+    cfg = getattr(model.model, "model_config", None)
+    return (getattr(cfg, "unet_config", None) or {}).get("context_dim")
+
+
+# ============================================================================ user paths
+
+_NOT_ROOTS = {"custom_nodes", "configs"}
+
+
+def _real(p) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.path.expanduser(str(p)))))
+
+
+def allowed_roots(folder_names: list[str] | None = None) -> list[Path]:
+    """Real paths of ComfyUI's input, output and temp folders and of every model folder (the
+    defaults and what extra_model_paths.yaml adds), or of just ``folder_names``' folders."""
+    if folder_names is None:
+        dirs = [folder_paths.get_input_directory(), folder_paths.get_output_directory(),
+                folder_paths.get_temp_directory()]
+        for name, (paths, _) in list(folder_paths.folder_names_and_paths.items()):
+            if name not in _NOT_ROOTS:
+                dirs.extend(paths)
+    else:
+        dirs = [p for n in folder_names for p in folder_paths.get_folder_paths(n)]
+    out: list[Path] = []
+    for d in dirs:
+        r = _real(d)
+        if r not in out:
+            out.append(r)
+    return out
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_inside(path, input_name: str, roots: list[Path] | None = None, what: str = "path") -> Path:
+    """The real path of ``path`` if it lies inside one of ``roots`` (default: ``allowed_roots()``),
+    else an error naming the input, where it really points and the fix."""
+    roots = allowed_roots() if roots is None else roots
+    real = _real(path)
+    if not any(_inside(real, r) for r in roots):
+        shown = f"{path} (really {real})" if str(real) != os.path.abspath(str(path)) else str(path)
+        raise fail(input_name, f"the {what} {shown} is outside the folders Atelier may use",
+                   "put it under ComfyUI's input folder, or list its folder in extra_model_paths.yaml "
+                   "(a symlink pointing elsewhere is not followed)")
+    return real
+
+
+def resolve_user_folder(text: str, input_name: str, extra_folders: tuple[str, ...] = (), must_exist: bool = True,
+                        create: bool = False, example: str = "my_images") -> Path:
+    """A folder typed into a widget: relative to ComfyUI's input folder, or absolute inside the input folder
+    or one of ``extra_folders`` (folder_paths names, e.g. listed in extra_model_paths.yaml). Symlinks are
+    resolved and must stay inside those folders. Returns the real path."""
+    text = (text or "").strip().strip('"')
+    if not text:
+        raise fail(input_name, "empty", f"type a folder relative to ComfyUI's input folder (e.g. '{example}')")
+    input_dir = Path(os.path.abspath(folder_paths.get_input_directory()))
+    roots = [_real(input_dir)] + allowed_roots(list(extra_folders)) if extra_folders else [_real(input_dir)]
+    p = Path(text).expanduser()
+    candidate = Path(os.path.normpath(p if p.is_absolute() else input_dir / p))
+    real = _real(candidate)
+    if not any(_inside(real, r) for r in roots):
+        where = f" (it really points to {real})" if real != candidate else ""
+        listed = (" or list its folder under " + ", ".join(f"'{f}:'" for f in extra_folders) +
+                  " in extra_model_paths.yaml") if extra_folders else ""
+        raise fail(input_name, f"{text} is outside the folders Atelier may use{where}",
+                   f"put the files under ComfyUI's input folder ({input_dir}){listed}; symlinks that lead out of "
+                   "these folders are not followed")
+    if create:
+        real.mkdir(parents=True, exist_ok=True)
+    elif must_exist and not real.is_dir():
+        raise fail(input_name, f"{text} does not exist under ComfyUI's input folder ({input_dir})",
+                   "create it and put the files there")
+    return real
+
+
+def list_files(root: Path, exts=IMAGE_EXTENSIONS, recursive: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files under ``root`` with these extensions (sorted, hidden entries skipped). A symlink (file or
+    folder) whose real path leaves ``root`` is not followed: it is returned in the skipped list."""
+    root = _real(root)
+    files, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            sub = here / d
+            if sub.is_symlink():
+                real = _real(sub)
+                if not _inside(real, root):
+                    skipped.append((sub.relative_to(root).as_posix(), "links outside the folder"))
+                    continue
+            keep.append(d)
+        dirnames[:] = keep if recursive else []
+        for name in sorted(filenames):
+            if name.startswith(".") or (exts is not None and Path(name).suffix.lower() not in exts):
+                continue
+            f = here / name
+            rel = f.relative_to(root).as_posix()
+            if not _inside(_real(f), root):
+                skipped.append((rel, "links outside the folder"))
+                continue
+            if not f.is_file():
+                skipped.append((rel, "not a regular file"))
+                continue
+            files.append(f)
+    return files, skipped
+
+
+# ============================================================================ writes
+
+class WrittenFiles:
+    """The manifest of files Atelier wrote into a user folder (``.atelier_written.json``: name -> sha256).
+    Only a listed file whose content is still what Atelier wrote may be replaced or deleted."""
+
+    NAME = ".atelier_written.json"
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.path = self.folder / self.NAME
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
+            self.files: dict[str, str] = {str(k): str(v) for k, v in dict(data.get("files", {})).items()}
+        except (OSError, ValueError, AttributeError):
+            self.files = {}
+
+    @staticmethod
+    def _hash(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    def owns(self, name: str) -> bool:
+        """True when ``name`` is a regular file (no link) Atelier wrote and nobody changed since."""
+        p = self.folder / name
+        if name not in self.files or p.is_symlink() or not p.is_file():
+            return False
+        try:
+            return self._hash(p.read_bytes()) == self.files[name]
+        except OSError:
+            return False
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write ``name`` atomically (never through a symlink) and record it."""
+        p = self.folder / name
+        if p.is_symlink() or (p.exists() and not self.owns(name)):
+            raise fail("folder", f"{p} exists and was not written by Atelier",
+                       "move that file away, or pick another folder")
+        atomic_write_bytes(p, data)
+        self.files[name] = self._hash(data)
+
+    def remove(self, name: str) -> bool:
+        """Delete ``name`` if Atelier wrote it and it is unchanged; returns whether it was deleted."""
+        if not self.owns(name):
+            return False
+        (self.folder / name).unlink()
+        self.files.pop(name, None)
+        return True
+
+    def save(self) -> None:
+        self.files = {k: v for k, v in self.files.items() if (self.folder / k).is_file()}
+        atomic_write_bytes(self.path, json.dumps({"atelier": "written-files", "files": self.files}, indent=0,
+                                                 sort_keys=True).encode("utf-8"))
+
+
+def refuse_overwrite(path, differences: list[str], name_input: str = "name", switch: str = "overwrite") -> AtelierError:
+    """The one wording for 'this name already holds a different finished file'."""
+    return fail(name_input, f"{path} already holds a different file ({'; '.join(differences)}); it was left "
+                            "untouched", f"pick a new name, or turn '{switch}' on to replace it")
+
+
+# ============================================================================ files the pack loads
+
+def _bad_file(path, input_name: str, what: str, e: BaseException, fix: str) -> AtelierError:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return fail(input_name, f"{os.path.basename(str(path))} ({path}) is not a readable {what} file ({reason})", fix)
+
+
+@contextlib.contextmanager
+def open_safetensors(path, input_name: str, what: str = "safetensors", fix: str = "replace or re-create the file"):
+    """``safe_open(path)`` whose failures (corrupt header, truncated file, missing file) name the file."""
+    from safetensors import safe_open
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError, OSError, ...
+        raise _bad_file(path, input_name, what, e, fix) from e
+    with f:
+        yield f
+
+
+def load_safetensors(path, input_name: str, what: str = "safetensors",
+                     fix: str = "replace or re-create the file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a corrupt one gives an error naming the file."""
+    from safetensors.torch import load_file
+    with open_safetensors(path, input_name, what, fix) as f:
+        meta = dict(f.metadata() or {})
+    try:
+        return load_file(str(path)), meta
+    except Exception as e:
+        raise _bad_file(path, input_name, what, e, fix) from e
+
+
+def open_image(path, input_name: str = "folder"):
+    """A PIL image in RGB, fully decoded; unreadable, truncated or oversized files give an AtelierError
+    naming the file (callers that go through many files catch it, skip the file and list it)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _bad_file(path, input_name, "image", e, "remove or replace that image") from e
+
+
+# ============================================================================ long work
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interruption when the user pressed Cancel."""
+    mm.throw_exception_if_processing_interrupted()
+
+
+@contextlib.contextmanager
+def interruptible(module: torch.nn.Module, depth: int = 2):
+    """Check for Cancel before each child module (to ``depth`` levels) runs, so a long forward stops within
+    one block instead of at the end of the step."""
+    handles = []
+
+    def hook(_m, _args):
+        check_interrupt()
+
+    def add(m, d):
+        for c in m.children():
+            handles.append(c.register_forward_pre_hook(hook))
+            if d > 1:
+                add(c, d - 1)
+    add(module, depth)
+    try:
+        yield module
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def available_memory(device=None) -> int:
+    """Bytes free for a new allocation on ``device`` (ComfyUI's own estimate)."""
+    try:
+        return int(mm.get_free_memory(device or mm.get_torch_device()))
+    except Exception:
+        return 0
+
+
+def check_memory(need_bytes: float, inputs: str, what: str, device=None, fraction: float = 0.9) -> None:
+    """Refuse up front when ``need_bytes`` exceeds what the device has (with the estimate and the fix)."""
+    free = available_memory(device)
+    if free and need_bytes > fraction * free:
+        raise fail(inputs, f"{what} needs about {need_bytes / 2**30:.1f} GiB, the machine has {free / 2**30:.1f} GiB "
+                           "free", "lower these inputs")
