@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +26,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from . import knn_index
 from .knn_common import (
     IMAGE_EXTENSIONS,
+    REBUILD_FIX,
     KNNCancelled,
     KNNError,
+    bad_file,
     check_index_name,
     safe_join,
 )
@@ -49,6 +52,7 @@ __all__ = [
     "KNNCancelled",
     "KNNError",
     "KNNIndex",
+    "IndexConflict",
     "Neighbours",
     "OpenClipEmbedder",
     "build_index",
@@ -93,6 +97,41 @@ class BuildReport:
         return s
 
 
+class IndexConflict(KNNError):
+    """The index name holds an index built from another folder or with another embedder (or an unfinished
+    build of one): nothing was changed. ``differences`` lists what differs, for the caller's wording."""
+
+    def __init__(self, message: str, path: Path, differences: list[str], input: str | None = None):  # noqa: A002
+        super().__init__(message, input)
+        self.path, self.differences = path, differences
+
+
+def _check_same_index(store: IndexStore, folder: Path, meta: dict, name_input: str, switch: str) -> None:
+    """An incremental build may only add to an index of the same folder and embedder; anything else would
+    replace or mix it. Refuses (touching nothing) with the choices: another name, or the rebuild switch."""
+    m = store.manifest
+    if m:
+        built = m.get("embedder", {})
+        root, what = m.get("root"), "a different index"
+    else:
+        owner = store.journal_owner()
+        if owner is None:
+            return
+        built, root, what = {"name": owner["embedder"]}, owner["root"], "an unfinished build of a different index"
+    diffs = [] if m else ["no finished index yet, only the embeddings of an interrupted build"]
+    if "dim" in built and int(built["dim"]) != int(meta["dim"]):
+        diffs.append(f"Dimension mismatch: it holds {built['dim']}-d embeddings from {built.get('name')}, "
+                     f"{meta['name']} makes {meta['dim']}-d ones")
+    elif built.get("name") != meta["name"]:
+        diffs.append(f"it was built with the embedder {built.get('name')}, not {meta['name']}")
+    if root != str(folder):
+        diffs.append(f"it was built from the folder {root}, not {folder}")
+    if len(diffs) > (0 if m else 1):
+        raise IndexConflict(f"{name_input}: {store.dir} already holds {what} ({'; '.join(diffs)}); it was left "
+                            f"untouched; pick a new {name_input}, or turn '{switch}' on to replace it",
+                            store.dir, diffs, name_input)
+
+
 def _check_cancel(cancel: Cancel | None, done: int) -> None:
     if cancel is not None and cancel():
         raise KNNCancelled(f"Index build cancelled after {done} new images; they are saved, "
@@ -119,73 +158,131 @@ def _read_image(path: Path, size: int) -> tuple[bytes | None, Image.Image | None
 def build_index(folder: str | os.PathLike, index_dir: str | os.PathLike, embedder: Embedder,
                 kind: str = "auto", index_params: dict | None = None, batch_size: int = 16,
                 progress: Progress | None = None, cancel: Cancel | None = None,
-                rebuild: bool = False) -> BuildReport:
+                rebuild: bool = False, name_input: str = "index_name", switch: str = "rebuild") -> BuildReport:
     """Embed the images under `folder` (recursive) into the index at `index_dir`.
 
     Incremental: files whose size and mtime are unchanged are not read again; changed files whose
-    content hash is already known reuse their embedding; files that are gone are dropped.
+    content hash is already known reuse their embedding; files that are gone are dropped. Only an index
+    of the same folder and embedder is updated: any other is refused untouched (`IndexConflict`) unless
+    `rebuild` replaces it.
     Resumable: every batch is journalled durably, so after a crash or a cancel the next call embeds
     only what is missing. `progress(done, total)` is called per batch; `cancel()` is polled per batch
-    and may return True or raise (the node layer's interrupt check raises)."""
+    and may return True or raise (the node layer's interrupt check raises).
+    A rebuild embeds beside the committed index (``.rebuild/``) and replaces it only at its commit: until
+    then, and after a failed or cancelled rebuild, the old index stays loadable as it was.
+    A build that fails leaving nothing worth keeping leaves no index folder behind.
+    `name_input` / `switch` name the index input and the rebuild switch in messages (node or CLI)."""
     t0 = time.perf_counter()
     folder = Path(folder).expanduser()
     if not folder.exists():
-        raise KNNError(f"Image folder not found: {folder}")
+        raise KNNError(f"folder: Image folder not found: {folder}; check the name (relative to ComfyUI's input "
+                       "folder)", "folder")
     if not folder.is_dir():
-        raise KNNError(f"Not a folder: {folder}")
+        raise KNNError(f"folder: Not a folder: {folder}; give the folder that holds the images", "folder")
     folder = folder.resolve()
     knn_index.choose_kind(0, kind)  # validate early
-    store = IndexStore(Path(index_dir).expanduser())
-    report = BuildReport(index_dir=str(store.dir))
-    with store.locked():
-        if rebuild:
-            store.clear()
-        store.open()
-        meta = _embedder_meta(embedder)
-        if store.manifest:
-            _check_compatible(store.manifest, meta, store.dir.name, building=True)
-        files, scan_skipped = scan_folder(folder, exclude=store.dir)
-        report.files = len(files) + len(scan_skipped)
-        if not files:
-            raise KNNError(f"No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {folder} or its subfolders.")
-        resumed = bool(store.journal)
-        good, bad = store.known()
-        todo, skipped = [], list(scan_skipped)
-        for f in files:
-            g = good.get(f.path)
-            if g and (g[0]["size"], g[0]["mtime_ns"]) == (f.size, f.mtime_ns):
-                continue
-            b = bad.get(f.path)
-            if b and (b["size"], b["mtime_ns"]) == (f.size, f.mtime_ns):
-                skipped.append((f.path, b["reason"]))
-                continue
-            todo.append(f)
-        by_hash = {e["sha256"]: src for e, src in good.values()}
-        _embed_todo(store, folder, todo, embedder, by_hash, batch_size, progress, cancel, report, skipped)
-        good, bad = store.known()
-        live = [good[f.path] for f in files
-                if f.path in good and (good[f.path][0]["size"], good[f.path][0]["mtime_ns"]) == (f.size, f.mtime_ns)]
-        live_paths = {e["path"] for e, _ in live}
-        report.removed = sum(1 for e in store.base_files if e["path"] not in live_paths)
-        report.skipped = skipped
-        if not live:
-            reasons = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
-            raise KNNError(f"None of the {len(files)} image files in {folder} could be read ({reasons}).")
-        params = dict(index_params or {})
-        m = store.manifest or {}
-        same_index = m.get("index", {}).get("requested") == kind and m.get("index", {}).get("overrides") == params
-        report.changed = bool(todo) or resumed or report.removed > 0 or not store.manifest or not same_index \
-            or m.get("root") != str(folder) or len(live) != m.get("count")
-        if report.changed:
-            _check_cancel(cancel, report.embedded)
-            info = _write_generation(store, live, meta, folder, kind, params, skipped, bad, cancel)
-            report.kind = info["kind"]
-        else:
-            report.kind = m["index"]["kind"]
-        report.indexed = len(live)
+    meta = _embedder_meta(embedder)
+    main = IndexStore(Path(index_dir).expanduser(), name_input)
+    report = BuildReport(index_dir=str(main.dir))
+    owner = {"root": str(folder), "embedder": meta["name"]}
+    discard = False
+    try:
+        with main.locked():
+            try:
+                _build_locked(main, folder, embedder, meta, owner, kind, index_params, batch_size, progress,
+                              cancel, rebuild, name_input, switch, report)
+            except BaseException:
+                discard = _drop_empty_work(main)
+                raise
+    finally:
+        if discard:  # after the lock is gone: the folder itself, if nothing else is in it
+            try:
+                main.dir.rmdir()
+            except OSError:
+                pass
     report.seconds = time.perf_counter() - t0
-    log.info("kNN index %s: %s", store.dir.name, report.summary())
+    log.info("kNN index %s: %s", main.dir.name, report.summary())
     return report
+
+
+def _drop_empty_work(main: IndexStore) -> bool:
+    """After a failed build: remove a staging area, or a whole index folder, that holds no committed index and
+    no journalled embeddings (so failed builds leave nothing in the database list or on disk). Returns
+    whether the index folder itself should go."""
+    try:
+        staging = main.staging()
+        if staging.dir.is_dir() and not staging.holds_work():
+            staging.remove()
+        if not main.holds_work() and not staging.dir.exists():
+            main.remove()
+            return True
+    except OSError as e:
+        log.warning("Could not tidy %s after a failed build: %s", main.dir, e)
+    return False
+
+
+def _build_locked(main: IndexStore, folder: Path, embedder: Embedder, meta: dict, owner: dict, kind: str,
+                  index_params: dict | None, batch_size: int, progress: Progress | None, cancel: Cancel | None,
+                  rebuild: bool, name_input: str, switch: str, report: BuildReport) -> None:
+    if rebuild:
+        main.open_for_replace()  # the committed index is neither read nor touched until the commit
+        store = main.staging()
+        store.dir.mkdir(exist_ok=True)
+        store.open()
+        if store.journal and store.journal_owner() != owner:  # our own unfinished rebuild of something else
+            store.remove()
+            store.dir.mkdir(exist_ok=True)
+            store.open()
+    else:
+        main.open()
+        _check_same_index(main, folder, meta, name_input, switch)
+        store = main
+    store.owner = owner
+    files, scan_skipped = scan_folder(folder, exclude=main.dir)
+    report.files = len(files) + len(scan_skipped)
+    if not files:
+        extra = f" ({len(scan_skipped)} skipped: " + "; ".join(f"{p} ({r})" for p, r in scan_skipped[:5]) + ")" \
+            if scan_skipped else ""
+        raise KNNError(f"folder: No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {folder} or its "
+                       f"subfolders{extra}; put the images there, or pick the folder that holds them", "folder")
+    resumed = bool(store.journal)
+    good, bad = store.known()
+    todo, skipped = [], list(scan_skipped)
+    for f in files:
+        g = good.get(f.path)
+        if g and (g[0]["size"], g[0]["mtime_ns"]) == (f.size, f.mtime_ns):
+            continue
+        b = bad.get(f.path)
+        if b and (b["size"], b["mtime_ns"]) == (f.size, f.mtime_ns):
+            skipped.append((f.path, b["reason"]))
+            continue
+        todo.append(f)
+    by_hash = {e["sha256"]: src for e, src in good.values()}
+    _embed_todo(store, folder, todo, embedder, by_hash, batch_size, progress, cancel, report, skipped)
+    good, bad = store.known()
+    live = [good[f.path] for f in files
+            if f.path in good and (good[f.path][0]["size"], good[f.path][0]["mtime_ns"]) == (f.size, f.mtime_ns)]
+    live_paths = {e["path"] for e, _ in live}
+    report.removed = sum(1 for e in main.base_files if e["path"] not in live_paths)
+    report.skipped = skipped
+    if not live:
+        reasons = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
+        raise KNNError(f"folder: None of the {len(files)} image files in {folder} could be read ({reasons}); "
+                       "replace or remove those files", "folder")
+    params = dict(index_params or {})
+    m = main.manifest or {}
+    same_index = m.get("index", {}).get("requested") == kind and m.get("index", {}).get("overrides") == params
+    report.changed = rebuild or bool(todo) or resumed or report.removed > 0 or not main.manifest \
+        or not same_index or m.get("root") != str(folder) or len(live) != m.get("count")
+    if report.changed:
+        _check_cancel(cancel, report.embedded)
+        info = _write_generation(main, store, live, meta, folder, kind, params, skipped, bad, cancel)
+        report.kind = info["kind"]
+        if rebuild:
+            store.remove()  # committed: the staging area has done its work
+    else:
+        report.kind = m["index"]["kind"]
+    report.indexed = len(live)
 
 
 def _embedder_meta(embedder: Embedder) -> dict:
@@ -254,15 +351,28 @@ def _embed_todo(store: IndexStore, folder: Path, todo: list[ScannedFile], embedd
             progress(min(total, start + len(batch)), total)
 
 
-def _write_generation(store: IndexStore, live: list, meta: dict, folder: Path, kind: str, params: dict,
-                      skipped: list, bad: dict, cancel: Cancel | None) -> dict:
+def _write_generation(store: IndexStore, source: IndexStore, live: list, meta: dict, folder: Path, kind: str,
+                      params: dict, skipped: list, bad: dict, cancel: Cancel | None) -> dict:
+    """Write the next generation of `store` from the vectors `source` holds (the store itself, or the staging
+    area of a rebuild) and commit it."""
     n, dim = len(live), int(meta["dim"])
     tmp = store.new_generation_dir()
+    try:
+        return _fill_generation(store, source, tmp, live, meta, folder, kind, params, skipped, bad, cancel, n, dim)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fill_generation(store, source, tmp, live, meta, folder, kind, params, skipped, bad, cancel, n, dim) -> dict:
     vectors = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
     norms = np.lib.format.open_memmap(tmp / "norms.npy", mode="w+", dtype=np.float32, shape=(n,))
     chunk = 65_536
     for s in range(0, n, chunk):
-        raw = store.raw_vectors([src for _, src in live[s:s + chunk]])
+        if cancel is not None and cancel():
+            raise KNNCancelled("Index build cancelled while writing the index; the embeddings are kept and the "
+                               "next build resumes.")
+        raw = source.raw_vectors([src for _, src in live[s:s + chunk]])
         nrm = np.linalg.norm(raw, axis=1)
         vectors[s:s + len(raw)] = raw / np.maximum(nrm, 1e-12)[:, None]
         norms[s:s + len(raw)] = nrm
@@ -322,10 +432,11 @@ class KNNIndex:
     """A committed index, opened read-only. `mmap`: True, False or "auto" (memory-map the faiss index
     when it is larger than half the physical RAM; the embeddings are always memory-mapped)."""
 
-    def __init__(self, index_dir: str | os.PathLike, mmap: bool | str = "auto"):
-        store = IndexStore(Path(index_dir).expanduser())
+    def __init__(self, index_dir: str | os.PathLike, mmap: bool | str = "auto", input_name: str = "database"):
+        store = IndexStore(Path(index_dir).expanduser(), input_name)
         if not (store.dir / "atelier_knn.json").is_file():
-            raise KNNError(f"No kNN index at {store.dir}. Build it first (AtelierKNNBuildIndex or tools/build_index.py).")
+            raise KNNError(f"{input_name}: No kNN index at {store.dir}; build it first (Atelier kNN Build Index or "
+                           "tools/build_index.py)", input_name)
         store.open(cleanup=False)
         self.dir, self.manifest = store.dir, store.manifest
         self.name = store.dir.name
@@ -334,22 +445,25 @@ class KNNIndex:
         self.info = self.manifest["index"]
         self.embedder_info = self.manifest["embedder"]
         gen = store.gen_dir()
+        self.files = store.base_files
+        n = len(self.files)
+        self.vectors = store.load_array(gen / "vectors.npy", "kNN vectors", 2, n)
+        self.norms = store.load_array(gen / "norms.npy", "kNN norms", 1, n)
+        if self.vectors.shape[1] != self.dim:
+            raise bad_file(gen / "vectors.npy", input_name, "kNN vectors",
+                           f"{self.vectors.shape[1]}-d rows, the manifest says {self.dim}", REBUILD_FIX)
+        path = gen / "index.faiss"
         try:
-            self.files = store.base_files
-            self.vectors = np.load(gen / "vectors.npy", mmap_mode="r")
-            self.norms = np.load(gen / "norms.npy", mmap_mode="r")
-            path = gen / "index.faiss"
             if mmap == "auto":
                 mem = _physical_memory()
                 mmap = bool(mem) and path.stat().st_size > mem // 2
-            self.mmap = bool(mmap)
-            self.index = knn_index.load(str(path), mmap=self.mmap)
         except OSError as e:
-            raise KNNError(f"The index {self.name} changed or is damaged while loading ({e}); "
-                           "try again, or rebuild it.") from e
-        if not (self.index.ntotal == len(self.files) == len(self.vectors) == self.manifest["count"]):
-            raise KNNError(f"The index {self.name} is inconsistent ({self.index.ntotal} vectors, {len(self.files)} "
-                           "files); rebuild it.")
+            raise bad_file(path, input_name, "faiss index", e, REBUILD_FIX) from e
+        self.mmap = bool(mmap)
+        self.index = knn_index.load(str(path), mmap=self.mmap, input_name=input_name)
+        if not (self.index.ntotal == n == self.manifest["count"]) or self.index.d != self.dim:
+            raise bad_file(path, input_name, "faiss index", f"{self.index.ntotal} vectors of {self.index.d} "
+                           f"dimensions for {n} files of {self.dim}-d embeddings", REBUILD_FIX)
 
     def __len__(self) -> int:
         return len(self.files)

@@ -23,6 +23,21 @@ class KNNCancelled(KNNError):
     """The build was cancelled; everything embedded so far is kept and the next build resumes."""
 
 
+REBUILD_FIX = ("rebuild the index: run Atelier kNN Build Index on it with 'rebuild' on (or tools/build_index.py "
+               "--rebuild); the images are embedded again and the damaged files replaced")
+
+
+def bad_file(path, input_name: str, what: str, e: BaseException | str, fix: str) -> KNNError:
+    """``<input>: <file> (<path>) is not a readable <what> file (<reason>); <fix>`` as a KNNError: the shape of
+    the glue's corrupt-file errors, for models/, which cannot import the glue."""
+    text = str(e).strip()
+    reason = text.splitlines()[0] if text else type(e).__name__
+    err = KNNError(f"{input_name}: {os.path.basename(str(path))} ({path}) is not a readable {what} file ({reason}); "
+                   f"{fix}")
+    err.input = input_name
+    return err
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9 _.\-]{0,62}[A-Za-z0-9_\-])?$")
 
 
@@ -30,8 +45,8 @@ def check_index_name(name: str) -> str:
     """An index (database) name: one folder level, letters, digits, spaces, '_', '-', '.'."""
     name = (name or "").strip()
     if not _NAME_RE.match(name):
-        raise KNNError(f"Index name {name!r}: use letters, digits, spaces, '_', '-' or '.' (at most 64, "
-                       "starting with a letter or digit), no slashes.")
+        raise KNNError(f"index_name: {name!r} is not a valid index name; use letters, digits, spaces, '_', '-' "
+                       "or '.' (at most 64, starting with a letter or digit), no slashes.", "index_name")
     return name
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
-from .knn_common import KNNCancelled, KNNError
+from .knn_common import REBUILD_FIX, KNNCancelled, KNNError, bad_file
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +115,17 @@ def save(index: faiss.Index, path: str) -> None:
     faiss.write_index(index, path)
 
 
-def load(path: str, mmap: bool = False) -> faiss.Index:
+def load(path: str, mmap: bool = False, input_name: str = "database") -> faiss.Index:
     # IO_FLAG_MMAP_IFC maps the codes of flat, IVF and HNSW indexes alike at full speed (measured);
     # plain IO_FLAG_MMAP only maps IVF lists, and searches them ~4x slower.
     mmap_flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
     flags = (mmap_flag | faiss.IO_FLAG_READ_ONLY) if mmap else 0
     try:
         return faiss.read_index(path, flags)
-    except RuntimeError as e:
-        raise KNNError(f"Cannot read the faiss index {path}: {str(e).strip().splitlines()[-1]}. "
-                       "Rebuild the index.") from e
+    except (RuntimeError, OSError, MemoryError) as e:  # faiss raises RuntimeError for truncated/garbage files
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        raise bad_file(path, input_name, "faiss index", lines[-1] if lines else type(e).__name__,
+                       REBUILD_FIX) from e
 
 
 def search(index: faiss.Index, info: dict, queries: np.ndarray, k: int,

@@ -7,12 +7,18 @@ Layout of ``<index_dir>``::
                             norms.npy (their original norms), files.json (one entry per row), index.faiss
     journal-<g>/log.jsonl   append-only commit log of work done on top of generation <g>
     journal-<g>/<id>.npy    raw embeddings of one logged batch
+    .rebuild/               a rebuild in progress: a store of its own (journal only) whose result is
+                            committed as the next generation of this index; until then the current
+                            generation stays what Load Index reads, also after a cancelled rebuild
 
 A batch is durable once its line is in the log: the shard is written under a temporary name, fsynced and
 renamed *before* its log line is appended and fsynced. A shard without a log line, a torn last line,
 an older generation or a half-written new one are garbage and removed by `open()`. A finished build
 writes generation g+1 and flips the manifest (the commit point); entries are keyed by relative path,
-so replaying a journal can never duplicate a file.
+so replaying a journal can never duplicate a file. Journal records carry the folder and the embedder
+they came from, so work from another folder or model is never merged into an index.
+
+Every file read here that is damaged gives an error naming the file, what is wrong and the fix.
 """
 from __future__ import annotations
 
@@ -35,7 +41,9 @@ from .knn_common import (
     IMAGE_EXTENSIONS,
     KNNError,
     atomic_write_bytes,
+    REBUILD_FIX,
     atomic_write_json,
+    bad_file,
     fsync_dir,
     safe_join,
 )
@@ -46,6 +54,7 @@ MANIFEST = "atelier_knn.json"
 FORMAT = "atelier-knn/1"
 LOCK = ".build.lock"
 BASE = "base"
+STAGING = ".rebuild"
 
 
 @dataclass(frozen=True)
@@ -56,15 +65,25 @@ class ScannedFile:
 
 
 def scan_folder(root: Path, exclude: Path | None = None) -> tuple[list[ScannedFile], list[tuple[str, str]]]:
-    """Image files under `root` (recursive, sorted, hidden entries skipped). Symlinks that point
-    outside `root` are skipped and reported."""
+    """Image files under `root` (recursive, sorted, hidden entries skipped). Symlinks (files or folders)
+    that point outside `root` are never followed: they are skipped and reported. Symlinked folders that
+    stay inside `root` are not walked either (their files are found under their real path)."""
     root = root.resolve()
     exclude = exclude.resolve() if exclude is not None else None
     files, skipped = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and (exclude is None or (here / d).resolve() != exclude))
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith(".") or (exclude is not None and (here / d).resolve() == exclude):
+                continue
+            if (here / d).is_symlink():
+                real = (here / d).resolve()
+                if real != root and root not in real.parents:
+                    skipped.append(((here / d).relative_to(root).as_posix() + "/", "links outside the folder"))
+                continue  # os.walk does not follow links; say so for those that leave the folder
+            keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
@@ -86,9 +105,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _gen_number(name: str) -> int | None:
+    if name.startswith("gen-") and name[4:].isdigit():
+        return int(name[4:])
+    return None
+
+
 class IndexStore:
-    def __init__(self, index_dir: str | os.PathLike):
+    """One index folder. ``input_name`` is the node input (or CLI option) errors about it start with."""
+
+    def __init__(self, index_dir: str | os.PathLike, input_name: str = "index_name"):
         self.dir = Path(index_dir)
+        self.input_name = input_name
+        self.owner: dict = {}  # {"root", "embedder"} stamped on the journal records this build writes
         self.manifest: dict | None = None
         self.gen = 0
         self.base_files: list[dict] = []
@@ -148,13 +177,28 @@ class IndexStore:
         path = self.dir / MANIFEST
         if not path.is_file():
             return None
+        what = "kNN index manifest"
         try:
             m = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise KNNError(f"The index manifest {path} is unreadable ({e}); rebuild the index.") from e
+            raise bad_file(path, self.input_name, what, e, REBUILD_FIX) from e
+        if not isinstance(m, dict):
+            raise bad_file(path, self.input_name, what, f"a JSON {type(m).__name__}, not an object", REBUILD_FIX)
         if m.get("format") != FORMAT:
-            raise KNNError(f"{path} has format {m.get('format')!r}, this Atelier reads {FORMAT!r}; rebuild the index.")
+            raise bad_file(path, self.input_name, what, f"format {m.get('format')!r}, this Atelier reads {FORMAT!r}",
+                           REBUILD_FIX)
+        try:
+            int(m["generation"]), int(m["dim"]), int(m["count"]), str(m["root"])
+            dict(m["index"])["kind"], dict(m["embedder"])["name"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad_file(path, self.input_name, what, f"missing or wrong field {e}", REBUILD_FIX) from e
         return m
+
+    def latest_gen(self) -> int:
+        """The highest generation folder present (for replacing an index whose manifest is damaged)."""
+        nums = [n for n in (_gen_number(p.name) for p in self.dir.iterdir()) if n is not None] \
+            if self.dir.is_dir() else []
+        return max(nums, default=0)
 
     def open(self, cleanup: bool = True) -> IndexStore:
         self.manifest = self.read_manifest()
@@ -167,15 +211,64 @@ class IndexStore:
             self._cleanup_shards()
         return self
 
-    def clear(self) -> None:
-        """Forget everything (our own files only), for a rebuild from scratch."""
+    def open_for_replace(self) -> IndexStore:
+        """Open an index a rebuild will replace: only its generation number matters (the committed files are
+        neither read nor touched until the new generation is committed). A damaged manifest counts as none;
+        the new generation then comes after the highest one present."""
+        try:
+            self.manifest = self.read_manifest()
+        except KNNError as e:
+            log.warning("Replacing a damaged index: %s", e)
+            self.manifest = None
+            self.gen = self.latest_gen()
+        else:
+            self.gen = int(self.manifest["generation"]) if self.manifest else 0
+        self.base_files, self.journal = [], []
+        return self
+
+    def staging(self) -> IndexStore:
+        """The store a rebuild embeds into (``.rebuild/``), beside the committed index."""
+        return IndexStore(self.dir / STAGING, self.input_name)
+
+    def journal_owner(self) -> dict | None:
+        """{"root", "embedder"} of the work in the journal (None when it is empty or predates the stamp)."""
+        for rec in self.journal:
+            if "root" in rec:
+                return {"root": rec.get("root"), "embedder": rec.get("embedder")}
+        return None
+
+    def holds_work(self) -> bool:
+        """Whether the folder holds a committed index or journalled embeddings (work worth keeping)."""
+        if (self.dir / MANIFEST).exists():
+            return True
+        for logf in self.dir.glob("journal-*/log.jsonl"):
+            for line in logf.read_bytes().splitlines():
+                try:
+                    if json.loads(line).get("shard"):
+                        return True
+                except (ValueError, AttributeError):
+                    continue
+        return False
+
+    def remove(self) -> None:
+        """Delete this store's own entries (gen-*, journal-*, temporaries, manifest, staging; not the lock,
+        which its holder removes) and the folder if that leaves it empty. Only for a store holding nothing
+        worth keeping, or whose work has been committed elsewhere."""
+        if not self.dir.is_dir() or self.dir.is_symlink():
+            return
         for p in self.dir.iterdir():
-            if p.name == MANIFEST or p.name.startswith(("gen-", "journal-", ".tmp-")):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        fsync_dir(self.dir)
+            if p.name in (MANIFEST, STAGING) or p.name.startswith(("gen-", "journal-", ".tmp-")):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass  # the lock, or something that is not ours, is still there: leave it
 
     def _cleanup_generations(self) -> None:
-        keep = {self.gen_dir().name, self.journal_dir().name}
+        keep = {self.gen_dir().name, self.journal_dir().name}  # (.rebuild is not ours to clean here)
         for p in self.dir.iterdir():
             if p.name.startswith(("gen-", "journal-", ".tmp-")) and p.name not in keep:
                 log.info("Removing stale %s", p)
@@ -184,10 +277,16 @@ class IndexStore:
     def _read_base_files(self) -> list[dict]:
         if not self.manifest:
             return []
+        path = self.gen_dir() / "files.json"
         try:
-            files = json.loads((self.gen_dir() / "files.json").read_text(encoding="utf-8"))
+            files = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise KNNError(f"The index {self.dir.name} is damaged ({e}); rebuild it (rebuild=True).") from e
+            raise bad_file(path, self.input_name, "kNN index file list", e, REBUILD_FIX) from e
+        if not isinstance(files, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("path"), str) and "size" in e and "mtime_ns" in e
+                for e in files):
+            raise bad_file(path, self.input_name, "kNN index file list",
+                           "not a list of {path, size, mtime_ns} entries", REBUILD_FIX)
         return files
 
     def _read_journal(self, repair: bool) -> list[dict]:
@@ -241,15 +340,32 @@ class IndexStore:
                 good.pop(b["path"], None)
         return good, bad
 
+    def load_array(self, path: Path, what: str, ndim: int, rows: int | None = None) -> np.ndarray:
+        """A memory-mapped float32 .npy of ``ndim`` dimensions (and ``rows`` rows); a damaged one gives an
+        error naming the file."""
+        try:
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:  # "Array can't be memory-mapped", truncated, missing
+            raise bad_file(path, self.input_name, what, e, REBUILD_FIX) from e
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != ndim or \
+                (rows is not None and len(a) != rows):
+            shape = getattr(a, "shape", "?")
+            raise bad_file(path, self.input_name, what, f"holds a {getattr(a, 'dtype', '?')} array of shape {shape}, "
+                           f"expected float32 with {ndim} dimensions" + (f" and {rows} rows" if rows is not None
+                                                                         else ""), REBUILD_FIX)
+        return a
+
     def _shard(self, name: str) -> np.ndarray:
         if name not in self._shards:
-            self._shards[name] = np.load(self.journal_dir() / name, mmap_mode="r")
+            rows = next((len(r["entries"]) for r in self.journal if r.get("shard") == name), None)
+            self._shards[name] = self.load_array(self.journal_dir() / name, "kNN journal shard", 2, rows)
         return self._shards[name]
 
     def _base(self):
         if self._base_vectors is None:
-            self._base_vectors = np.load(self.gen_dir() / "vectors.npy", mmap_mode="r")
-            self._base_norms = np.load(self.gen_dir() / "norms.npy", mmap_mode="r")
+            n = len(self.base_files)
+            self._base_vectors = self.load_array(self.gen_dir() / "vectors.npy", "kNN vectors", 2, n)
+            self._base_norms = self.load_array(self.gen_dir() / "norms.npy", "kNN norms", 1, n)
         return self._base_vectors, self._base_norms
 
     def raw_vectors(self, sources: list[tuple]) -> np.ndarray:
@@ -278,7 +394,7 @@ class IndexStore:
             return
         jd = self.journal_dir()
         jd.mkdir(parents=True, exist_ok=True)
-        rec = {"time": time.time(), "entries": entries, "bad": bad}
+        rec = {"time": time.time(), "entries": entries, "bad": bad, **self.owner}
         if entries:
             rec["shard"] = f"{uuid.uuid4().hex}.npy"
             buf = io.BytesIO()

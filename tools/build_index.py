@@ -67,7 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kind", default="auto", help="index type: auto, flat, ivf, ivfpq, hnsw")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu", help="torch device for the embedder, e.g. cuda")
-    ap.add_argument("--rebuild", action="store_true", help="discard the index and embed everything again")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="replace the index: embed everything again; the old index stays usable until the new one "
+                         "is complete (needed to change the folder or the model of an existing index)")
     ap.add_argument("--query", default=None, help="after building, print the neighbours of this text")
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -78,13 +80,15 @@ def main(argv=None) -> int:
     try:
         index_dir = comfy_index_dir(knn.check_index_name(args.name)) if args.name else Path(args.index).expanduser()
         embedder = knn.load_open_clip(args.clip_weights, arch=args.clip_arch, config=args.clip_config,
-                                      device=args.device)
+                                      device=args.device, input_name="--clip-weights")
         print(f"embedder {embedder.name} ({embedder.dim}-d) -> {index_dir}", file=sys.stderr)
+        # an index of another folder or embedder under this name is refused untouched unless --rebuild
         report = knn.build_index(args.folder, index_dir, embedder, kind=args.kind, batch_size=args.batch_size,
-                                 progress=_progress(time.perf_counter()), rebuild=args.rebuild)
+                                 progress=_progress(time.perf_counter()), rebuild=args.rebuild,
+                                 name_input="--name" if args.name else "--index", switch="--rebuild")
         print(report.summary())
         if args.query:
-            hits = knn.KNNIndex(index_dir).query_text(embedder, args.query, args.k)
+            hits = knn.KNNIndex(index_dir, input_name="--index").query_text(embedder, args.query, args.k)
             for rank, (score, path) in enumerate(zip(hits.scores, hits.paths), 1):
                 print(f"{rank:3d}. {score:.4f}  {path}")
     except knn.KNNError as e:
