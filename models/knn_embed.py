@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .knn_common import KNNError
+from .knn_common import KNNError, bad_file
 
 log = logging.getLogger(__name__)
 
@@ -195,16 +195,26 @@ def file_fingerprint(path: str | os.PathLike, samples: int = 32, chunk: int = 1 
     return h.hexdigest()
 
 
-def _check_safetensors(path: Path) -> None:
-    with open(path, "rb") as f:
-        head = f.read(9)
+OPEN_CLIP_FIX = "replace the file: download it again, or re-save the model with safetensors"
+
+
+def check_safetensors(path: Path, input_name: str = "clip_name") -> None:
+    """Refuse pickle checkpoints (with the one-line conversion) and files that do not start like safetensors."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as e:
+        raise bad_file(path, input_name, "open_clip safetensors", e, OPEN_CLIP_FIX) from e
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise KNNError(
-            f"{path.name} is a pickle checkpoint (.pt/.bin/.pth). Atelier only loads .safetensors files, because "
-            "pickle can run code. Convert it once with: python -c \"import torch, safetensors.torch as s; "
-            f"s.save_file(torch.load('{path.name}', weights_only=True), '{path.stem}.safetensors')\"")
+            f"{input_name}: {path.name} is a pickle checkpoint (.pt/.bin/.pth). Atelier only loads .safetensors "
+            "files, because pickle can run code. Convert it once with: python -c \"import torch, "
+            f"safetensors.torch as s; s.save_file(torch.load('{path.name}', weights_only=True), "
+            f"'{path.stem}.safetensors')\"", input_name)
     if len(head) < 9 or head[8:9] != b"{":
-        raise KNNError(f"{path} is not a safetensors file (bad header). Re-download it.")
+        raise bad_file(path, input_name, "open_clip safetensors", "bad header: not a safetensors file",
+                       OPEN_CLIP_FIX)
 
 
 def _read_json_config(src) -> dict:
@@ -239,8 +249,13 @@ def resolve_open_clip_config(weights: Path, arch: str | None, config, metadata: 
                            f"{', '.join(open_clip.list_models()[:12])}, …; or pass a config JSON.")
         return cfg, {}, arch
     if metadata.get("open_clip_config"):
-        cfg = json.loads(metadata["open_clip_config"])
-        return (*_split_config(cfg), metadata.get("open_clip_arch", "custom"))
+        try:
+            cfg = json.loads(metadata["open_clip_config"])
+            return (*_split_config(cfg), metadata.get("open_clip_arch", "custom"))
+        except (ValueError, TypeError, KNNError) as e:
+            raise bad_file(weights, "clip_name", "open_clip safetensors",
+                           f"its open_clip_config metadata is unreadable: {e}",
+                           "pick the architecture instead of 'from file', or replace the file") from e
     if metadata.get("open_clip_arch"):
         return resolve_open_clip_config(weights, metadata["open_clip_arch"], None, {})
     for side in (weights.with_suffix(".json"), weights.parent / "open_clip_config.json"):
@@ -281,21 +296,34 @@ def _make_tokenizer(model_cfg: dict):
 
 
 def load_open_clip(weights: str | os.PathLike, arch: str | None = None, config=None,
-                   device: str | torch.device = "cpu") -> OpenClipEmbedder:
+                   device: str | torch.device = "cpu", input_name: str = "clip_name",
+                   tensors: dict | None = None, metadata: dict | None = None) -> OpenClipEmbedder:
     """An open_clip model from a local .safetensors file (pickle is refused). See
-    `resolve_open_clip_config` for where the architecture comes from."""
+    `resolve_open_clip_config` for where the architecture comes from. `tensors` / `metadata`: the file's
+    contents when the caller already read them (the node reads them through the glue). A damaged file gives
+    an error naming it (`input_name` is the input or option it came from)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     weights = Path(weights)
     if not weights.is_file():
-        raise KNNError(f"open_clip weights not found: {weights}")
-    _check_safetensors(weights)
-    with safe_open(str(weights), framework="pt") as f:
-        metadata = f.metadata() or {}
+        raise KNNError(f"{input_name}: open_clip weights not found: {weights}; put the file in "
+                       "models/atelier/open_clip and refresh (R)", input_name)
+    check_safetensors(weights, input_name)
+    if metadata is None:
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception as e:  # SafetensorError (corrupt header), OSError
+            raise bad_file(weights, input_name, "open_clip safetensors", e, OPEN_CLIP_FIX) from e
     model_cfg, pre_cfg, arch_name = resolve_open_clip_config(weights, arch, config, metadata)
     model = _build_model(model_cfg)
-    sd = load_file(str(weights))
+    if tensors is None:
+        try:
+            tensors = load_file(str(weights))
+        except Exception as e:  # truncated data, bad offsets
+            raise bad_file(weights, input_name, "open_clip safetensors", e, OPEN_CLIP_FIX) from e
+    sd = tensors
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     try:
         model.load_state_dict(sd, strict=True)
@@ -303,8 +331,9 @@ def load_open_clip(weights: str | os.PathLike, arch: str | None = None, config=N
         missing = sorted(set(model.state_dict()) - set(sd))[:4]
         unexpected = sorted(set(sd) - set(model.state_dict()))[:4]
         hint = f" missing keys {missing}, unexpected keys {unexpected};" if missing or unexpected else ""
-        raise KNNError(f"{weights.name} does not match the open_clip architecture {arch_name!r}:{hint} "
-                       f"pick the architecture the file was trained with. ({str(e).splitlines()[-1].strip()})") from e
+        raise KNNError(f"{input_name}: {weights.name} does not match the open_clip architecture {arch_name!r}:"
+                       f"{hint} pick the architecture the file was trained with. "
+                       f"({str(e).splitlines()[-1].strip()})", input_name) from e
     vision = model_cfg.get("vision_cfg", {})
     size = pre_cfg.get("size") or vision.get("image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size

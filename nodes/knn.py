@@ -16,6 +16,7 @@ its CLIP_VISION_OUTPUT, which the core and IPAdapter nodes take as is.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -28,10 +29,10 @@ import comfy.utils
 import folder_paths
 import numpy as np
 import torch
-from PIL import Image
 from comfy_api.latest import io, ui
 
 from ..models import knn, knn_embed, knn_world, world
+from . import glue
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +64,19 @@ _register_folders()
 
 # ----------------------------------------------------------------------------- paths
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+def resolve_image_folder(text: str, must_exist: bool = True) -> Path:
+    """The real path of a folder of images typed into a widget: relative to ComfyUI's input folder, or absolute
+    inside it or inside a folder listed under ``atelier_knn_images:`` in extra_model_paths.yaml. Symlinks are
+    resolved and their target must lie inside those folders too: a link in the input folder pointing elsewhere
+    is refused (list the real folder under atelier_knn_images instead), as are '..' and other paths."""
+    return glue.resolve_user_folder(text, "folder", extra_folders=(FOLDER_IMAGES,), must_exist=must_exist,
+                                    example="moodboard")
 
 
-def resolve_image_folder(text: str) -> Path:
-    """A folder from a widget: relative to ComfyUI's input folder, or absolute inside it or inside a folder
-    listed under atelier_knn_images. The check is on the normalised path, so an admin's symlink inside an
-    allowed folder still works, while '..' and other absolute paths are refused."""
-    text = (text or "").strip().strip('"')
-    if not text:
-        raise knn.KNNError("folder: type a folder of images, relative to ComfyUI's input folder (e.g. 'moodboard').")
-    input_dir = Path(os.path.abspath(folder_paths.get_input_directory()))
-    roots = [input_dir] + [Path(os.path.abspath(p)) for p in folder_paths.get_folder_paths(FOLDER_IMAGES)]
-    p = Path(text).expanduser()
-    candidate = Path(os.path.normpath(p if p.is_absolute() else input_dir / p))
-    if any(_inside(candidate, r) for r in roots):
-        return candidate
-    raise knn.KNNError(
-        f"folder: {text} is outside the folders Atelier may index. Put the images under ComfyUI's input folder "
-        f"({input_dir}), or list their folder under 'atelier_knn_images:' in extra_model_paths.yaml.")
+def resolve_world_folder(text: str) -> Path:
+    """The real path of the folder Atelier World Image Folder fills: inside ComfyUI's input folder only (a
+    symlink leading out of it is refused); it need not exist yet."""
+    return glue.resolve_user_folder(text, "folder", must_exist=False, example="atelier_world/warm_shapes")
 
 
 def index_names() -> list[str]:
@@ -101,8 +95,28 @@ def index_dir(name: str, create: bool = False) -> Path:
             return knn.safe_join(base, name)
     if create:
         return knn.safe_join(bases[0], name)
-    raise knn.KNNError(f"No index named {name!r} in {', '.join(bases)}. Build it with 'Atelier kNN Build Index' "
-                       "and refresh the page (R).")
+    raise knn.KNNError(f"database: No index named {name!r} in {', '.join(bases)}; build it with 'Atelier kNN "
+                       "Build Index' and refresh the page (R)", "database")
+
+
+def _embedder_module(embedder) -> torch.nn.Module | None:
+    """The torch module an embedder runs (open_clip model, ComfyUI CLIP vision model), if any."""
+    for m in (getattr(embedder, "model", None), getattr(getattr(embedder, "clip_vision", None), "model", None)):
+        if isinstance(m, torch.nn.Module):
+            return m
+    return None
+
+
+@contextlib.contextmanager
+def cancellable_embedder(embedder):
+    """Cancel acts inside the embedding forward: before each transformer block (depth 4 reaches the blocks of
+    open_clip's and ComfyUI's CLIP vision towers), not only between batches."""
+    module = _embedder_module(embedder)
+    if module is None:
+        yield
+        return
+    with glue.interruptible(module, depth=4):
+        yield
 
 
 # ----------------------------------------------------------------------------- embedders
@@ -162,7 +176,10 @@ class AtelierKNNOpenCLIPLoader(io.ComfyNode):
     def execute(cls, clip_name: str, architecture: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER_OPEN_CLIP, clip_name)
         arch = None if architecture == FROM_FILE else architecture
-        return io.NodeOutput(knn.load_open_clip(path, arch=arch, device=comfy.model_management.text_encoder_device()))
+        knn_embed.check_safetensors(path, "clip_name")  # pickle: refused with the one-line conversion
+        tensors, metadata = glue.load_safetensors(path, "clip_name", "open_clip safetensors", knn_embed.OPEN_CLIP_FIX)
+        return io.NodeOutput(knn.load_open_clip(path, arch=arch, device=comfy.model_management.text_encoder_device(),
+                                                input_name="clip_name", tensors=tensors, metadata=metadata))
 
 
 class AtelierKNNTinyOpenCLIPLoader(io.ComfyNode):
@@ -224,8 +241,10 @@ class AtelierWorldFolder(io.ComfyNode):
                         "running it again writes nothing new.",
             inputs=[
                 io.String.Input("folder", default="atelier_world/warm_shapes",
-                                tooltip="Folder to fill, relative to ComfyUI's input folder. Only files named "
-                                        "world_*.png/.txt that this node wrote are ever replaced or removed."),
+                                tooltip="Folder to fill, relative to ComfyUI's input folder (a symlink leading out "
+                                        "of it is refused). Only files this node wrote there (recorded in "
+                                        ".atelier_written.json) and unchanged since are ever replaced or removed; "
+                                        "other files, even named like its own, are left alone."),
                 io.String.Input("colors", default="red, orange, yellow",
                                 tooltip="Comma-separated colours objects may have: " + ", ".join(world.COLORS)
                                         + ". Empty: all."),
@@ -247,24 +266,26 @@ class AtelierWorldFolder(io.ComfyNode):
     def fingerprint_inputs(cls, folder: str = "", **kwargs):
         try:  # run again when files were deleted or changed by hand
             return (folder, tuple(sorted(kwargs.items())),
-                    hashlib.sha256(repr(knn.scan_folder(resolve_image_folder(folder))).encode()).hexdigest())
-        except (OSError, knn.KNNError):
+                    hashlib.sha256(repr(knn.scan_folder(resolve_world_folder(folder))).encode()).hexdigest())
+        except (OSError, glue.AtelierError):
             return float("nan")
 
     @classmethod
     def execute(cls, folder: str, colors: str, shapes: str, count: int, size: int, seed: int) -> io.NodeOutput:
-        dst = resolve_image_folder(folder)
+        dst = resolve_world_folder(folder)
+        dst.mkdir(parents=True, exist_ok=True)
         pbar = comfy.utils.ProgressBar(count)
 
         def cancel() -> bool:
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            glue.check_interrupt()  # raises on Cancel (checked before every image)
             return False
 
         paths, captions, written = knn_world.write_world_folder(
             dst, seed=seed, count=count, size=size, colors=colors, shapes=shapes,
-            progress=lambda done, total: pbar.update_absolute(done, total), cancel=cancel)
+            progress=lambda done, total: pbar.update_absolute(done, total), cancel=cancel,
+            written=glue.WrittenFiles(dst))
         log.info("Atelier World Image Folder: %d images in %s (%d written now)", len(paths), dst, written)
-        preview = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)
+        preview = torch.stack([torch.from_numpy(np.asarray(glue.open_image(p, "folder"), dtype=np.float32) / 255.0)
                                for p in paths[:16]])
         return io.NodeOutput(folder, preview, "\n".join(captions))
 
@@ -292,8 +313,11 @@ class AtelierKNNBuildIndex(io.ComfyNode):
                 io.Combo.Input("index_type", options=list(knn.knn_index.KINDS), default="auto",
                                tooltip="auto: exact search below 100k images, IVF above, IVF-PQ above 5M. "
                                        "hnsw: fastest queries, slow to build."),
-                io.Boolean.Input("rebuild", default=False, tooltip="Discard the index and embed everything again "
-                                 "(needed to switch the embedding model)."),
+                io.Boolean.Input("rebuild", default=False, tooltip="Replaces the index: embeds every image again "
+                                 "and, once that is complete, puts the new index in place of the old one (which "
+                                 "stays usable until then, and after a cancel). Needed to give an existing "
+                                 "index_name another folder or embedding model; without it such a build is "
+                                 "refused and the index left untouched."),
                 io.Int.Input("batch_size", default=16, min=1, max=512, tooltip="Images embedded per step; larger is "
                              "faster on a GPU and uses more memory."),
             ],
@@ -311,7 +335,7 @@ class AtelierKNNBuildIndex(io.ComfyNode):
         try:
             files, skipped = knn.scan_folder(resolve_image_folder(folder))
             exists = (index_dir(index_name, create=True) / "atelier_knn.json").is_file()
-        except (OSError, knn.KNNError):
+        except (OSError, glue.AtelierError):
             return float("nan")
         if rebuild:
             return float("nan")
@@ -332,11 +356,15 @@ class AtelierKNNBuildIndex(io.ComfyNode):
             pbar.update_absolute(done, total)
 
         def cancel() -> bool:
-            comfy.model_management.throw_exception_if_processing_interrupted()  # raises on Cancel
+            glue.check_interrupt()  # raises on Cancel
             return False
 
-        report = knn.build_index(src, dst, embedder, kind=index_type, batch_size=batch_size,
-                                 progress=progress, cancel=cancel, rebuild=rebuild)
+        try:
+            with cancellable_embedder(embedder):
+                report = knn.build_index(src, dst, embedder, kind=index_type, batch_size=batch_size,
+                                         progress=progress, cancel=cancel, rebuild=rebuild)
+        except knn.IndexConflict as e:
+            raise glue.refuse_overwrite(e.path, e.differences, "index_name", "rebuild") from e
         text = f"{index_name}: {report.summary()}"
         return io.NodeOutput(knn.KNNIndex(dst), text, ui=ui.PreviewText(text))
 
@@ -379,7 +407,7 @@ class AtelierKNNIndexLoader(io.ComfyNode):
     @classmethod
     def execute(cls, database: str, memory_map: str) -> io.NodeOutput:
         mmap = {"auto": "auto", "on": True, "off": False}[memory_map]
-        index = knn.KNNIndex(index_dir(database), mmap=mmap)
+        index = knn.KNNIndex(index_dir(database), mmap=mmap, input_name="database")
         info = (f"{database}: {len(index)} images, {index.dim}-d, {index.info['kind']} index, "
                 f"embedder {index.embedder_info.get('name')}, folder {index.root}")
         return io.NodeOutput(index, info)

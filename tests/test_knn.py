@@ -401,22 +401,51 @@ knn_world = importlib.import_module(f"{PKG}.knn_world")
 tiny_substitution = importlib.import_module(f"{PKG}.tiny_substitution")
 
 
+class Record:
+    """The interface of the glue's WrittenFiles record (which needs ComfyUI), in memory: what the node passes
+    so that only files it wrote are replaced or removed."""
+
+    def __init__(self, folder):
+        self.folder, self.files = Path(folder), {}
+
+    def owns(self, name):
+        p = self.folder / name
+        return name in self.files and not p.is_symlink() and p.is_file() and p.read_bytes() == self.files[name]
+
+    def write(self, name, data):
+        assert self.owns(name) or not (self.folder / name).exists()
+        (self.folder / name).write_bytes(data)
+        self.files[name] = data
+
+    def remove(self, name):
+        if self.owns(name):
+            (self.folder / name).unlink()
+            return True
+        return False
+
+    def save(self):
+        pass
+
+
 def test_world_folder_is_idempotent_filtered_and_in_sync(tmp_path):
     folder = tmp_path / "warm"
-    paths, captions, written = knn_world.write_world_folder(folder, seed=3, count=6, size=64, colors="red, orange")
+    rec = Record(folder)
+    paths, captions, written = knn_world.write_world_folder(folder, seed=3, count=6, size=64, colors="red, orange",
+                                                            written=rec)
     assert written == 6 and len(paths) == 6 and all(p.is_file() for p in paths)
     assert all(("red" in c or "orange" in c) for c in captions)
     words = " ".join(captions).split()
     assert not {"blue", "cyan", "purple", "green", "yellow", "pink"} & set(words)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     (folder / "mine.png").write_bytes(b"user file")
-    again, captions2, written2 = knn_world.write_world_folder(folder, seed=3, count=6, size=64, colors="red, orange")
+    again, captions2, written2 = knn_world.write_world_folder(folder, seed=3, count=6, size=64, colors="red, orange",
+                                                                 written=rec)
     assert written2 == 0 and captions2 == captions
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "mine.png"} == before
-    fewer, _, _ = knn_world.write_world_folder(folder, seed=3, count=4, size=64, colors="red, orange")
+    fewer, _, _ = knn_world.write_world_folder(folder, seed=3, count=4, size=64, colors="red, orange", written=rec)
     assert sorted(p.name for p in folder.glob("world_*.png")) == sorted(p.name for p in fewer)
     assert (folder / "mine.png").read_bytes() == b"user file"  # only our own files are removed
-    other, _, _ = knn_world.write_world_folder(folder, seed=3, count=4, size=64, colors="blue")
+    other, _, _ = knn_world.write_world_folder(folder, seed=3, count=4, size=64, colors="blue", written=rec)
     assert {p.name for p in folder.glob("world_*.png")} == {p.name for p in other}  # settings changed: replaced
     assert not {p.name for p in other} & {p.name for p in fewer}
     with pytest.raises(KNNError, match="colors: unknown teal"):
