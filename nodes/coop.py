@@ -35,33 +35,14 @@ import torch
 from comfy_api.latest import io
 
 from ..models import coop
+from .glue import check_vae, fail
 
 LOG = logging.getLogger("atelier.coop")
 ADDITIONAL_KEY = "atelier_coop"
 
-# TAESD-type VAEs record their latent scale: ComfyUI's own taesd/taesdxl/taesd3/taef1 loaders and
-# Atelier's tiny families. Full AutoencoderKL VAEs of SD1.5 and SDXL are indistinguishable by
-# structure; for them only the channel count and downscale factor are checked.
-_TAESD_SCALE_FAMILY = {0.18215: "SD15", 0.13025: "SDXL", 1.5305: "SD3", 0.3611: "Flux",
-                       1.0: "SD15", 0.75: "SDXL"}  # the last two: tiny_family (sd15, sdxl)
-
-
 # ------------------------------------------------------------------------- validation
-
-def _latent_family(model) -> str:
-    return type(model.model.latent_format).__name__
-
-
-def _vae_family(vae) -> str | None:
-    fsm = getattr(vae, "first_stage_model", None)
-    scale = getattr(fsm, "vae_scale", None)
-    if scale is None or not torch.is_tensor(scale):
-        return None
-    v = float(scale.detach())
-    for k, fam in _TAESD_SCALE_FAMILY.items():
-        if abs(v - k) < 1e-4:
-            return fam
-    return None
+# VAE/model pairing is checked by the glue (``check_vae``: channels, downscale and, for TAESD-type
+# VAEs, the family recorded in ``glue.FAMILIES``), the same way for every family and every node.
 
 
 def _downscale(vae) -> int | None:
@@ -69,25 +50,45 @@ def _downscale(vae) -> int | None:
     return r if isinstance(r, int) else None
 
 
-def check_pair(model, vae, model_name: str, vae_name: str) -> None:
-    """ValueError when ``vae`` cannot be the VAE of ``model`` (channels, downscale, known family)."""
-    if model is None or not hasattr(model, "model"):
-        raise ValueError(f"{model_name}: expected a MODEL")
-    if vae is None or not hasattr(vae, "first_stage_model"):
-        raise ValueError(f"{vae_name}: expected a VAE")
-    fmt = model.model.latent_format
-    if getattr(fmt, "latent_dimensions", 2) != 2:
-        raise ValueError(f"{model_name}: video/audio latents are not supported by the Coop bridge; use an image model")
-    if vae.latent_channels != fmt.latent_channels:
-        raise ValueError(f"{vae_name}: this VAE makes {vae.latent_channels}-channel latents but {model_name} "
-                         f"({_latent_family(model)}) works on {fmt.latent_channels} channels; connect the VAE that "
-                         f"belongs to {model_name}'s checkpoint")
-    if _downscale(vae) is None:
-        raise ValueError(f"{vae_name}: not an image VAE with a fixed downscale factor")
-    fam_v, fam_m = _vae_family(vae), _latent_family(model)
-    if fam_v is not None and fam_m in _TAESD_SCALE_FAMILY.values() and fam_v != fam_m:
-        raise ValueError(f"{vae_name}: this is a {fam_v} VAE but {model_name} is {fam_m}; connect the VAE of "
-                         f"{model_name}'s own checkpoint (mixed up A and B?)")
+def _unet_config(model) -> dict:
+    return getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+
+
+def conditioning_problem(model, conditioning, model_input: str) -> tuple[str, str] | None:
+    """(problem, fix) when ``model`` cannot take ``conditioning``, else None: text width (cross-attention
+    context) and, for models with a pooled/ADM input (SDXL), the pooled embedding's width, so a prompt
+    encoded with another family's CLIP is refused up front instead of failing inside the UNet with a
+    shape error. (Helper for the glue: the lead may move it there.)"""
+    fix = f"encode it with {model_input}'s own CLIP (mixed up two models' prompts?)"
+    if not isinstance(conditioning, list):
+        return "not a CONDITIONING", "connect a CLIP Text Encode output"
+    unet = _unet_config(model)
+    dim, adm = unet.get("context_dim"), unet.get("adm_in_channels")
+    for item in conditioning:
+        if not (isinstance(item, (list, tuple)) and len(item) >= 2 and torch.is_tensor(item[0])):
+            return "not a CONDITIONING", "connect a CLIP Text Encode output"
+        cond, extras = item[0], item[1] if isinstance(item[1], dict) else {}
+        if dim is not None and cond.shape[-1] != dim:
+            return f"it is {cond.shape[-1]}-wide text conditioning but {model_input} takes {dim}-wide text", fix
+        if adm is None or "unclip_conditioning" in extras:
+            continue
+        pooled = extras.get("pooled_output")
+        if pooled is None:
+            return f"it has no pooled text embedding, which {model_input} needs", fix
+        try:
+            width = model.model.encode_adm(pooled_output=pooled, device=pooled.device).shape[-1]
+        except Exception:  # noqa: BLE001  an ADM that needs more than the pooled output: not ours to judge
+            continue
+        if width != adm:
+            return f"its pooled text embedding ({pooled.shape[-1]} wide) does not fit {model_input}", fix
+    return None
+
+
+def check_conditioning(model, conditioning, model_input: str, cond_input: str) -> None:
+    """AtelierError naming ``cond_input`` when ``model`` cannot take ``conditioning`` (see conditioning_problem)."""
+    bad = conditioning_problem(model, conditioning, model_input)
+    if bad is not None:
+        raise fail(cond_input, *bad)
 
 
 def check_two(model_a, model_b) -> None:
@@ -148,8 +149,8 @@ class CoopGuider(comfy.samplers.CFGGuider):
         if int(bridge_every) < 1:
             raise ValueError(f"bridge_every: {bridge_every} must be 1 or more (1 = bridge on every step)")
         _check_percent(start_percent, end_percent)
-        check_pair(model_a, vae_a, "model_a", "vae_a")
-        check_pair(model_b, vae_b, "model_b", "vae_b")
+        check_vae(model_a, vae_a, "model_a", "vae_a")
+        check_vae(model_b, vae_b, "model_b", "vae_b")
         check_two(model_a, model_b)
         if resize_method not in coop.RESIZE_METHODS:
             raise ValueError(f"resize_method: {resize_method!r} unknown; choose one of {coop.RESIZE_METHODS}")
@@ -307,6 +308,12 @@ class CoopGuider(comfy.samplers.CFGGuider):
 
 def make_coop_guider(model_a, vae_a, positive_a, negative_a, cfg_a, model_b, vae_b, positive_b, negative_b, cfg_b,
                      fusion_d, bridge_every, start_percent, end_percent, b_scale=1.0, resize_method="bicubic"):
+    for model, cond, m_name, c_name in ((model_a, positive_a, "model_a", "positive_a"),
+                                        (model_a, negative_a, "model_a", "negative_a"),
+                                        (model_b, positive_b, "model_b", "positive_b"),
+                                        (model_b, negative_b, "model_b", "negative_b")):
+        if model is not None and hasattr(model, "model"):
+            check_conditioning(model, cond, m_name, c_name)
     g = CoopGuider(model_a, vae_a, model_b, vae_b, fusion_d, bridge_every, start_percent, end_percent,
                    b_scale, resize_method)
     g.set_conds(positive_a, negative_a, positive_b, negative_b)
@@ -345,7 +352,9 @@ def estimate_x0(model, latent: dict, sigma: float, positive, negative, cfg: floa
 @torch.no_grad()
 def bridge_latent(latent: dict, sigma: float, model_from, vae_from, model_to, vae_to, scale: float = 1.0,
                   seed: int = 0, *, positive=None, negative=None, cfg: float = 1.0, denoised: torch.Tensor | None = None,
-                  resize_method: str = "bicubic") -> tuple[dict, float]:
+                  resize_method: str = "bicubic",
+                  names: tuple[str, str, str, str] = ("model_from", "vae_from", "model_to", "vae_to"),
+                  scale_input: str = "scale") -> tuple[dict, float]:
     """Carry a partly denoised latent from one model's space (and resolution) to another's.
 
     ``latent``: {"samples": leftover-noise latent of ``model_from`` at ``sigma``} (what
@@ -357,16 +366,16 @@ def bridge_latent(latent: dict, sigma: float, model_from, vae_from, model_to, va
     SamplerCustom with noise disabled; sigma_to). Raises ValueError on mismatched VAE/model or a
     scale that does not give whole latent pixels.
     """
-    check_pair(model_from, vae_from, "model_from", "vae_from")
-    check_pair(model_to, vae_to, "model_to", "vae_to")
+    check_vae(model_from, vae_from, names[0], names[1])
+    check_vae(model_to, vae_to, names[2], names[3])
     lat = latent["samples"]
     if lat.ndim != 4:
         raise ValueError(f"latent: expected an image latent (N, C, H, W), got shape {tuple(lat.shape)}")
     ds_f, ds_t = _downscale(vae_from), _downscale(vae_to)
-    coop.target_size(lat.shape[-2], lat.shape[-1], scale)
-    ph, pw = coop.target_size(lat.shape[-2] * ds_f, lat.shape[-1] * ds_f, scale)
+    coop.target_size(lat.shape[-2], lat.shape[-1], scale, name=scale_input)
+    ph, pw = coop.target_size(lat.shape[-2] * ds_f, lat.shape[-1] * ds_f, scale, name=scale_input)
     if ph % ds_t or pw % ds_t:
-        raise ValueError(f"scale: {scale} gives {pw}x{ph} px, not a multiple of the target VAE's {ds_t} px")
+        raise ValueError(f"{scale_input}: {scale} gives {pw}x{ph} px, not a multiple of the target VAE's {ds_t} px")
     if resize_method not in coop.RESIZE_METHODS:
         raise ValueError(f"resize_method: {resize_method!r} unknown; choose one of {coop.RESIZE_METHODS}")
     sigma = float(sigma)
@@ -523,8 +532,13 @@ def resolution_bridge_sample(model_low, vae_low, positive_low, negative_low, mod
                              negative_high, latent, seed, steps, cfg_low, cfg_high, sampler_name, scheduler,
                              switch_at, scale, resize_method="bicubic"):
     """Low-res model for the first switch_at of the steps → IID bridge ×scale → high-res model."""
-    check_pair(model_low, vae_low, "model_low", "vae_low")
-    check_pair(model_high, vae_high, "model_high", "vae_high")
+    check_vae(model_low, vae_low, "model_low", "vae_low")
+    check_vae(model_high, vae_high, "model_high", "vae_high")
+    for model, cond, m_name, c_name in ((model_low, positive_low, "model_low", "positive_low"),
+                                        (model_low, negative_low, "model_low", "negative_low"),
+                                        (model_high, positive_high, "model_high", "positive_high"),
+                                        (model_high, negative_high, "model_high", "negative_high")):
+        check_conditioning(model, cond, m_name, c_name)
     lat = comfy.sample.fix_empty_latent_channels(model_low, latent["samples"])
     coop.target_size(lat.shape[-2], lat.shape[-1], scale)
     if not (0.0 < switch_at < 1.0):
@@ -651,12 +665,16 @@ class AtelierNoiseAwareLatentUpscale(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, positive, negative, samples, cfg, steps, sampler_name, scheduler, end_at_step, scale,
                 resize_method, seed) -> io.NodeOutput:
+        check_vae(model, vae, "model", "vae")
+        check_conditioning(model, positive, "model", "positive")
+        check_conditioning(model, negative, "model", "negative")
         if not 1 <= end_at_step < steps:
             raise ValueError(f"end_at_step: {end_at_step} must be between 1 and steps-1 ({steps - 1}); at step 0 the "
                              "latent is pure noise (use a plain latent upscale) and at the end it has no noise left")
         sigma = float(_schedule(model, steps, sampler_name, scheduler)[end_at_step])
         out, _ = bridge_latent(samples, sigma, model, vae, model, vae, scale, seed, positive=positive,
-                               negative=negative, cfg=cfg, resize_method=resize_method)
+                               negative=negative, cfg=cfg, resize_method=resize_method,
+                               names=("model", "vae", "model", "vae"))
         return io.NodeOutput(out)
 
 

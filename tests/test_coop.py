@@ -307,7 +307,7 @@ def test_bridge_latent_public_function(tiny, nc):
 
 def test_clear_errors(tiny, nc, mc):
     A, B = _tiny_pair(tiny)
-    with pytest.raises(ValueError, match="vae_a.*SDXL VAE.*SD15"):
+    with pytest.raises(ValueError, match="vae_a: this is a SDXL VAE but model_a is SD1.5"):
         nc.make_coop_guider(A[0], B[1], A[2], A[3], 7.0, B[0], B[1], B[2], B[3], 5.0, 0.5, 1, 0.0, 1.0)
     with pytest.raises(ValueError, match="vae_b"):
         nc.make_coop_guider(A[0], A[1], A[2], A[3], 7.0, B[0], A[1], B[2], B[3], 5.0, 0.5, 1, 0.0, 1.0)
@@ -329,7 +329,7 @@ def test_clear_errors(tiny, nc, mc):
 
 def test_errors_reach_the_ui(comfy, run_graph):
     p = _coop_prompt(d=0.5, b_vae=["1", 2])      # SD1.5's VAE given as model B's (SDXL) VAE
-    with pytest.raises(Exception, match="vae_b: this is a SD15 VAE but model_b is SDXL"):
+    with pytest.raises(Exception, match="vae_b: this is a SD1.5 VAE but model_b is SDXL"):
         run_graph(p)
     p = _coop_prompt(d=1.5)                      # the validator rejects it before anything runs
     with pytest.raises(Exception, match="fusion_d"):
