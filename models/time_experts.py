@@ -105,6 +105,9 @@ def _numbers(text: str, name: str) -> list[float]:
         except ValueError:
             raise ValueError(f"{name}: {part!r} is not a number; write comma-separated values such as '500' "
                              "or '750, 500, 250'") from None
+        if not math.isfinite(vals[-1]):
+            raise ValueError(f"{name}: {part!r} is not a finite number; write comma-separated values such as "
+                             "'500' or '750, 500, 250'")
     return vals
 
 
@@ -228,10 +231,13 @@ def fit_router(timesteps: torch.Tensor, losses: torch.Tensor, dim: int = 8, temp
     target = torch.softmax(-norm_g / max(temperature, 1e-6), dim=1)
     emb = router_embedding(grid, dim)
     g = torch.Generator().manual_seed(int(seed))
-    W = (torch.randn(n, dim, generator=g) * 0.01).requires_grad_(True)
-    b = torch.zeros(n, requires_grad=True)
-    opt = torch.optim.Adam([W, b], lr=lr)
+    # ComfyUI runs nodes inside torch.inference_mode(): the parameters and everything autograd saves must be
+    # ordinary tensors made outside it (clones), or backward() fails in a real run.
     with torch.inference_mode(False), torch.enable_grad():
+        emb, target = emb.clone(), target.clone()
+        W = (torch.randn(n, dim, generator=g) * 0.01).requires_grad_(True)
+        b = torch.zeros(n, requires_grad=True)
+        opt = torch.optim.Adam([W, b], lr=lr)
         for _ in range(int(steps)):
             opt.zero_grad()
             logits = emb @ W.T + b

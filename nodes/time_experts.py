@@ -42,6 +42,9 @@ import comfy.patcher_extension as pe
 import comfy.samplers
 
 from ..models import time_experts as te
+from .coop import check_conditioning, conditioning_problem
+from .glue import check_same_family as check_same_family_glue
+from .glue import check_vae, fail
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +75,22 @@ def _cond_key(model):
     return unet.get("context_dim"), unet.get("adm_in_channels"), unet.get("in_channels")
 
 
+_ONE_FAMILY = ("a routed MODEL needs experts of one latent family that take the same conditioning; for a handoff "
+               "across families (or to an SDXL refiner) use Atelier Struct→Texture Sampler, which gives each model "
+               "its own conditioning and goes through the Coop bridge across latent families")
+
+
 def check_same_family(experts: list, names: list[str]) -> None:
+    """Every expert must be of expert 1's family and take its conditioning (the glue's one check, plus the
+    ADM width and input channels a routed call shares)."""
     base = experts[0]
     for m, name in zip(experts[1:], names[1:]):
-        if _family_key(m) != _family_key(base):
-            raise ValueError(
-                f"{name}: its latent family ({_family_key(m)[0]}) differs from {names[0]}'s ({_family_key(base)[0]}). "
-                "A routed MODEL needs experts of one latent family; for a handoff across families use "
-                "Atelier Struct→Texture Sampler, which needs the Coop bridge.")
+        check_same_family_glue(base, m, names[0], name, _ONE_FAMILY)
         if _cond_key(m) != _cond_key(base):
-            raise ValueError(
-                f"{name}: it takes different conditioning than {names[0]} (context/ADM width "
-                f"{_cond_key(m)[:2]} vs {_cond_key(base)[:2]}), e.g. an SDXL refiner. Use Atelier Struct→Texture "
-                "Sampler, which gives each model its own positive/negative conditioning.")
+            raise fail(name, f"it takes different conditioning than {names[0]} (context/ADM width "
+                             f"{_cond_key(m)[:2]} vs {_cond_key(base)[:2]}), e.g. an SDXL refiner",
+                       "use Atelier Struct→Texture Sampler, which gives each model its own positive/negative "
+                       "conditioning")
 
 
 def _shape(obj):
@@ -393,9 +399,19 @@ class AtelierTimeRouter(io.ComfyNode):
             if positive is None or latent is None:
                 raise ValueError("positive/latent: calibration 'denoising_loss' needs calibration latents and their "
                                  "conditioning; connect both, or choose 'fit_boundaries'")
+            check_conditioning(state.experts[0], positive, "model", "positive")
+            if not bool(torch.isfinite(latent["samples"]).all()):
+                raise fail("latent", "the calibration latents contain NaN or infinite values",
+                           "VAE Encode finite reference images (check the nodes before it)")
             sig = [te.timestep_to_sigma(float(t), state.sigma_table) for t in ts]
             losses = torch.stack([measure_denoising_error(e, positive, latent["samples"], sig, seed)
                                   for e in state.experts], dim=1)
+            bad = (~torch.isfinite(losses)).nonzero()
+            if bad.numel():
+                i, j = (int(v) for v in bad[0])
+                raise fail("model", f"expert {state.names[j]} gives a non-finite denoising error at t={float(ts[i]):.0f} "
+                                    "(its prediction has NaN/inf), so no gate can be fitted",
+                           "check that expert (its weights, LoRA or compute dtype) or use 'fit_boundaries'")
             gate = te.fit_router(ts, losses, seed=seed)
         routed, new_state = build_routed(state.experts, state.names, state.thresholds, state.sigma_table,
                                          gate=gate, gate_noise=gate_noise, gate_seed=seed)
@@ -491,6 +507,21 @@ class AtelierStructTextureSampler(io.ComfyNode):
     def execute(cls, structure_model, structure_positive, structure_negative, texture_model, latent_image, seed,
                 steps, cfg, sampler_name, scheduler, t_struct, denoise, texture_positive=None,
                 texture_negative=None, structure_vae=None, texture_vae=None, texture_scale=1.0) -> io.NodeOutput:
+        check_conditioning(structure_model, structure_positive, "structure_model", "structure_positive")
+        check_conditioning(structure_model, structure_negative, "structure_model", "structure_negative")
+        for given, name, fallback in ((texture_positive, "texture_positive", structure_positive),
+                                      (texture_negative, "texture_negative", structure_negative)):
+            if given is not None:
+                check_conditioning(texture_model, given, "texture_model", name)
+                continue
+            bad = conditioning_problem(texture_model, fallback, "texture_model")
+            if bad is not None:
+                raise fail(name, f"not connected, so the structure model's conditioning is used, but {bad[0]}",
+                           f"connect {name} encoded with texture_model's own CLIP")
+        if structure_vae is not None:
+            check_vae(structure_model, structure_vae, "structure_model", "structure_vae")
+        if texture_vae is not None:
+            check_vae(texture_model, texture_vae, "texture_model", "texture_vae")
         latent, record = struct_texture_sample(
             structure_model, structure_positive, structure_negative, texture_model,
             texture_positive if texture_positive is not None else structure_positive,
@@ -580,7 +611,9 @@ def _bridged_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed
         out["samples"] = structure.model.process_latent_out(ms.noise_scaling(sigmas[0], noise, z))
     sigma = float(sigmas[split])
     bridged, sigma_to = bridge(out, sigma, structure, structure_vae, texture, texture_vae, float(texture_scale), seed,
-                               positive=s_pos, negative=s_neg, cfg=cfg)
+                               positive=s_pos, negative=s_neg, cfg=cfg,
+                               names=("structure_model", "structure_vae", "texture_model", "texture_vae"),
+                               scale_input="texture_scale")
     t_ks = comfy.samplers.KSampler(texture, steps=steps, device=texture.load_device, sampler=sampler_name,
                                    scheduler=scheduler, denoise=1.0, model_options=texture.model_options)
     t_sig = t_ks.sigmas.detach().cpu()
