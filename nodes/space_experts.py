@@ -29,6 +29,8 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from ..models import space_experts as se
+from .coop import check_conditioning, conditioning_problem
+from .glue import check_same_family, check_vae, fail, family_row
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ def build_setup(clip, prompt: str, phrases: list[str], experts: list[Expert], ro
     scores: list[list[float]] = []
     if experts:
         if model is not None:
+            check_expert_models(model, experts)
             dim = _context_dim(model)
             for e in experts:
                 if dim is not None and e.cond.shape[-1] != dim:
@@ -146,6 +149,23 @@ def build_setup(clip, prompt: str, phrases: list[str], experts: list[Expert], ro
     return SpaceSetup(phrases=phrases, groups=groups, experts=experts, route=route, scores=scores, alpha=alpha,
                       mask_start_sigma=mask_start_sigma, capture=capture, user_masks=user_masks,
                       pww_weight=pww_weight)
+
+
+def check_expert_models(model, experts: list[Expert], model_input: str = "model",
+                        experts_input: str = "experts") -> None:
+    """An expert's own MODEL must be of the base model's family and take its conditioning (the glue's
+    one check), so a mix-up is refused here, naming the input, not deep inside the UNet."""
+    row = family_row(model)
+    label = row.label if row else "the same"
+    for e in experts:
+        if e.model is None:
+            continue
+        if not hasattr(e.model, "model"):
+            raise fail(experts_input, f"space expert {e.name!r} carries something that is not a MODEL",
+                       "connect a model loader's MODEL to that Atelier Space Expert node")
+        check_same_family(model, e.model, model_input, experts_input,
+                          f"space expert {e.name!r} carries a model of another family than {model_input}; connect "
+                          f"a {label} model to that Atelier Space Expert node's model input, or leave it empty")
 
 
 def _context_dim(model) -> int | None:
@@ -660,6 +680,10 @@ class AtelierSpaceExperts(io.ComfyNode):
                             _t_to_sigma(model, mask_start_t), "all" if capture == "all" else "mid", rmasks,
                             pww_weight, model=model)
         positive = _encode(clip, prompt)
+        bad = conditioning_problem(model, positive, "model")
+        if bad is not None:
+            raise fail("clip", f"this CLIP does not belong to model (the prompt it encodes: {bad[0]})",
+                       "connect the CLIP of model's own checkpoint")
         if not bank and setup.pww_weight == 0:
             # nothing can change the output: return the model unpatched (bit-identical by construction)
             return io.NodeOutput(model.clone(), positive, setup)
@@ -759,11 +783,16 @@ class AtelierMoESampler(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise=1.0, space=None, vae=None) -> io.NodeOutput:
         import nodes as comfy_nodes  # ComfyUI's top-level nodes module
+        check_conditioning(model, positive, "model", "positive")
+        check_conditioning(model, negative, "model", "negative")
+        if vae is not None:
+            check_vae(model, vae, "model", "vae")
         rt = model.get_attachment(KEY) if hasattr(model, "get_attachment") else None
         m = model
         if space is not None:
             if not isinstance(space, SpaceSetup):
                 raise ValueError("space: connect the 'space' output of Atelier Space Experts or Paint-with-Words")
+            check_expert_models(model, space.experts, "model", "space")
             if space.user_masks is not None:
                 _check_region_aspect(space.user_masks, tuple(latent_image["samples"].shape[-2:]))
             if rt is None or rt.setup is not space:
