@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -393,12 +394,78 @@ def _describe_blob(piece, lab, diff, rgb, offset, full_shape, min_area) -> Detec
 # prompt adherence
 
 
+_SIZE_WORDS = frozenset({"small", "medium", "large", "big", "tiny"})
+#: nouns that ask for "any shape" ("something red", "a red object")
+_ANY_SHAPE = frozenset({"object", "objects", "thing", "things", "shape", "shapes", "something", "one", "ones"})
+#: words (and punctuation) that end an object phrase
+_PHRASE_END = frozenset({"a", "an", "the", "and", "or", "of", "on", "in", "at", "to", "with", "next", "beside",
+                         "near", "left", "right", "above", "below", "under", "over", "background",
+                         ",", ".", ";", ":", "!", "?"})
+
+
+def unknown_words(text: str) -> list[tuple[str, str, str]]:
+    """Words of a prompt that stand where a colour or a shape is asked for but that the world does not
+    know, as (words, "colour" | "shape", the neighbouring word): "a chartreuse circle" ->
+    [("chartreuse", "colour", "circle")], "a red hexagon" -> [("hexagon", "shape", "red")].
+
+    A word before a known colour ("a shiny red circle") or outside an object phrase ("a photo of") is
+    not a slot and stays ignored, as in :func:`world.parse_caption`."""
+    out: list[tuple[str, str, str]] = []
+    color: str | None = None
+    pre: list[str] = []
+    post: list[str] = []
+
+    def end_phrase():
+        nonlocal color, pre, post
+        if color is not None and post:
+            out.append((" ".join(post), "shape", color))
+        color, pre, post = None, [], []
+
+    for tok in re.findall(r"[a-z]+|[,.;:!?]", text.lower()):
+        word = world._singular(tok) if tok.isalpha() else tok
+        if word in COLORS:
+            if color is not None:
+                end_phrase()
+            color, pre, post = word, [], []
+        elif word in SHAPES or word in _ANY_SHAPE:
+            if color is None and pre:
+                out.append((" ".join(pre), "colour", word))
+            color, pre, post = None, [], []
+        elif word in _PHRASE_END:
+            end_phrase()
+        elif word in _SIZE_WORDS or word in world.VOCABULARY:
+            continue
+        elif color is None:
+            pre.append(word)
+        else:
+            post.append(word)
+    end_phrase()
+    return out
+
+
+def _refuse_unknown(text: str, name: str) -> None:
+    bad = unknown_words(text)
+    if not bad:
+        return
+    words, kind, near = bad[0]
+    if kind == "colour":
+        where = f"{words!r} (before {near!r}) is not a colour the Atelier world knows"
+        fix = f"use one of the colours {', '.join(COLORS)}, or drop the word to accept any colour"
+    else:
+        where = f"{words!r} (after {near!r}) is not a shape the Atelier world knows"
+        fix = f"use one of the shapes {', '.join(SHAPES)}, or write '{near} object' to accept any shape"
+    more = f" (also: {', '.join(repr(w) for w, _, _ in bad[1:])})" if len(bad) > 1 else ""
+    raise ValueError(f"{name}: {where}{more}, so the metric cannot check it; {fix}")
+
+
 def as_requests(prompt, name: str = "prompt") -> list[Request]:
     """Requested objects from a caption/prompt string, world objects, Requests or
-    (colour, shape) pairs."""
+    (colour, shape) pairs. A word in a colour or shape slot that the world does not know
+    ("a chartreuse circle") is an error naming ``name`` and listing the known words."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ValueError(f"{name}: empty; write what the image should show, e.g. 'a red circle'")
+        _refuse_unknown(prompt, name)
         reqs = world.parse_caption(prompt)
         if not reqs:
             raise ValueError(f"{name}: no colour or shape words in {prompt!r}; use colours "

@@ -141,7 +141,9 @@ class AtelierPromptAdherence(io.ComfyNode):
             description=(
                 "How much of a prompt an image shows: the share of requested objects found with the right "
                 "colour and shape, and with the right colour alone. Reads 'colour shape' pairs from the prompt "
-                f"({vocab}); other words are ignored. The report also gives the chance level."
+                f"({vocab}); other words are ignored, but a word where a colour or shape belongs that the world "
+                "does not know ('a chartreuse circle', 'a red hexagon') is an error: it could not be checked. "
+                "The report also gives the chance level."
             ),
             inputs=[
                 io.Image.Input("image", tooltip="Images to score; each is scored against the same prompt."),
