@@ -53,15 +53,12 @@ __all__ = ["AtelierError", "fail", "guard_node", "FAMILIES", "Family", "family_o
 # ============================================================================ float inputs
 
 def _float_inputs(cls) -> list[str]:
-    try:
-        schema = cls.GET_SCHEMA()
-    except Exception:  # a schema that cannot be built fails elsewhere, loudly
-        return []
+    schema = cls.GET_SCHEMA()
     return [i.id for i in (schema.inputs or []) if str(getattr(i, "io_type", "")) == "FLOAT"]
 
 
-def _check_finite(cls, kwargs: dict) -> None:
-    for name in _float_inputs(cls):
+def _check_finite(names: list[str], kwargs: dict) -> None:
+    for name in names:
         v = kwargs.get(name)
         if v is None or isinstance(v, bool):
             continue
@@ -74,19 +71,29 @@ def _check_finite(cls, kwargs: dict) -> None:
 
 
 def guard_node(cls):
-    """Wrap ``cls.execute`` so every FLOAT input is checked for finiteness first (sync or async)."""
+    """Wrap ``cls.execute`` so every FLOAT input is checked for finiteness first (sync or async).
+
+    The names come from the registered class's schema, read once: ComfyUI runs ``execute`` on a
+    locked clone of the class, on which ``GET_SCHEMA`` cannot cache its result."""
     if getattr(cls, "_atelier_guarded", False):
         return cls
     func = inspect.getattr_static(cls, "execute").__func__
+    names: list[str] = []
+
+    def float_names() -> list[str]:
+        if not names:
+            names.extend(_float_inputs(cls) or [""])
+        return names
+
     if inspect.iscoroutinefunction(func):
         @functools.wraps(func)
         async def execute(klass, *args, **kwargs):
-            _check_finite(klass, kwargs)
+            _check_finite(float_names(), kwargs)
             return await func(klass, *args, **kwargs)
     else:
         @functools.wraps(func)
         def execute(klass, *args, **kwargs):
-            _check_finite(klass, kwargs)
+            _check_finite(float_names(), kwargs)
             return func(klass, *args, **kwargs)
     cls.execute = classmethod(execute)
     cls._atelier_guarded = True
