@@ -27,6 +27,9 @@ def _images(t: torch.Tensor, name: str) -> list[np.ndarray]:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{name}: expected an IMAGE (batch, height, width, 3), got {shape}; "
                          "connect an IMAGE output such as VAE Decode or Load Image")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name}: the IMAGE batch is empty, so there is nothing to score (a mean over no images "
+                         "would be NaN); connect a node that outputs at least one image")
     return [metrics.as_image(t[i], name) for i in range(t.shape[0])]
 
 
