@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
-import importlib.machinery
-import importlib.util
 import json
 import os
 import sys
@@ -28,31 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+import harness  # noqa: F401  (puts tools/ on sys.path, keeps the repo root off it)
+from pure_models import load_models
 
 BENCH_CLIP = {  # tiny, but with a real 224 px input so decoding/resizing cost is realistic
     "embed_dim": 64,
     "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-
-
-def load_models_package():
-    """The pack's models/ as package `atelier_models`, by file path (the repo root never goes on sys.path)."""
-    if "atelier_models" in sys.modules:
-        return sys.modules["atelier_models"]
-    init = REPO / "models" / "__init__.py"
-    if init.is_file():
-        spec = importlib.util.spec_from_file_location("atelier_models", init,
-                                                      submodule_search_locations=[str(REPO / "models")])
-    else:
-        spec = importlib.machinery.ModuleSpec("atelier_models", None, is_package=True)
-        spec.submodule_search_locations = [str(REPO / "models")]
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["atelier_models"] = pkg
-    if spec.loader is not None:
-        spec.loader.exec_module(pkg)
-    return pkg
 
 
 def rss() -> dict:
@@ -164,14 +144,14 @@ def bench_index(args, knn_index, faiss) -> list[dict]:
 
 
 def bench_embedding(args, knn) -> dict:
-    from atelier_models.knn_embed import random_open_clip, save_open_clip
+    knn_embed = load_models("knn_embed")
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         tmp = Path(tmp)
-        weights = save_open_clip(random_open_clip(BENCH_CLIP, seed=args.seed), BENCH_CLIP, tmp / "bench_clip.safetensors",
-                                 arch="atelier-bench-tiny")
+        weights = knn_embed.save_open_clip(knn_embed.random_open_clip(BENCH_CLIP, seed=args.seed), BENCH_CLIP,
+                                           tmp / "bench_clip.safetensors", arch="atelier-bench-tiny")
         embedder = knn.load_open_clip(weights)
         folder = tmp / "images"
         folder.mkdir()
@@ -219,11 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
 
-    load_models_package()
     import faiss
 
-    knn = importlib.import_module("atelier_models.knn")
-    knn_index = importlib.import_module("atelier_models.knn_index")
+    knn, knn_index = load_models("knn", "knn_index")
     result = {"machine": {"cpus": os.cpu_count(), "faiss": faiss.__version__,
                           "faiss_simd": getattr(faiss, "get_compile_options", lambda: "?")()},
               "index": bench_index(args, knn_index, faiss) if args.n else []}

@@ -29,11 +29,11 @@ def build_full_sd15(dtype, seed=0):
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
-    from harness_pack import seeded_init_
+    from pure_models import load_models
     cfg = comfy.supported_models.SD15(sd15_full_unet_config())
     cfg.set_inference_dtype(dtype, None)
     model = cfg.get_model({})
-    seeded_init_(model.diffusion_model, seed)
+    load_models("seeded_init").seeded_init_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 

@@ -14,23 +14,9 @@ if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 
 import comfy_env  # noqa: E402,F401  (re-exported to conftest)
+from pure_models import load_models  # noqa: E402,F401  (tools/pure_models.py: models/ as `atelier_models`)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def load_models(*names: str):
-    """Pure modules of models/ (package ``atelier_models``, imported by file path, never with the
-    repo root on sys.path), for tests that need no ComfyUI: ``world, metrics = load_models("world", "metrics")``."""
-    import importlib
-    pkg = "atelier_models"
-    if pkg not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            pkg, ROOT / "models" / "__init__.py", submodule_search_locations=[str(ROOT / "models")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[pkg] = mod
-        spec.loader.exec_module(mod)
-    mods = [importlib.import_module(f"{pkg}.{n}") for n in names]
-    return mods[0] if len(mods) == 1 else mods
 
 
 def load_tool(name: str):

@@ -5,12 +5,8 @@ through the real loader; images are small generated PNGs.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.machinery
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-REPO = Path(__file__).resolve().parent.parent
-PKG = "atelier_knn_under_test"
+from atelier_testlib import load_models
 
 TINY = {
     "embed_dim": 32,
@@ -28,28 +23,7 @@ TINY = {
 }
 TINY_48 = {**TINY, "embed_dim": 48}
 
-
-def _load_models():
-    """models/ as a package loaded by file path, so its relative imports work (no sys.path edits)."""
-    if PKG in sys.modules:
-        return sys.modules[PKG]
-    init = REPO / "models" / "__init__.py"
-    if init.is_file():
-        spec = importlib.util.spec_from_file_location(PKG, init, submodule_search_locations=[str(REPO / "models")])
-    else:
-        spec = importlib.machinery.ModuleSpec(PKG, None, is_package=True)
-        spec.submodule_search_locations = [str(REPO / "models")]
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules[PKG] = pkg
-    if spec.loader is not None:
-        spec.loader.exec_module(pkg)
-    return pkg
-
-
-_load_models()
-knn = importlib.import_module(f"{PKG}.knn")
-knn_index = importlib.import_module(f"{PKG}.knn_index")
-knn_embed = importlib.import_module(f"{PKG}.knn_embed")
+knn, knn_index, knn_embed = load_models("knn", "knn_index", "knn_embed")
 KNNError = knn.KNNError
 
 
@@ -397,8 +371,7 @@ def test_combine_neighbours_for_unclip():
 
 # ----------------------------------------------------------------------------- demo databases, tiny mode
 
-knn_world = importlib.import_module(f"{PKG}.knn_world")
-tiny_substitution = importlib.import_module(f"{PKG}.tiny_substitution")
+knn_world, tiny_substitution = load_models("knn_world", "tiny_substitution")
 
 
 class Record:

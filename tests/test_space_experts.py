@@ -8,35 +8,15 @@ patch on the same model in both orders, and the errors users meet first.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
-import sys
 
 import pytest
 import torch
 
-from atelier_testlib import ROOT, txt2img_prompt
+from atelier_testlib import load_models, txt2img_prompt
 
 
-def _load_pure():
-    name = "atelier_pure_models.space_experts"
-    if name in sys.modules:
-        return sys.modules[name]
-    pkg = "atelier_pure_models"
-    if pkg not in sys.modules:
-        spec = importlib.util.spec_from_file_location(pkg, ROOT / "models" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "models")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[pkg] = mod
-        spec.loader.exec_module(mod)
-    spec = importlib.util.spec_from_file_location(name, ROOT / "models" / "space_experts.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-se = _load_pure()
+se = load_models("space_experts")
 
 
 # ============================================================================ pure

@@ -2,32 +2,17 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
-import sys
 
 import pytest
 import torch
 
-from atelier_testlib import ROOT, load_tool, txt2img_prompt
+from atelier_testlib import load_models, load_tool, txt2img_prompt
 
 
 # ------------------------------------------------------------------ pure part (no ComfyUI)
 def _pure():
-    name = "atelier_pure_models.time_experts"
-    if name in sys.modules:
-        return sys.modules[name]
-    pkg = importlib.util.spec_from_file_location("atelier_pure_models", ROOT / "models" / "__init__.py",
-                                                 submodule_search_locations=[str(ROOT / "models")])
-    if "atelier_pure_models" not in sys.modules:
-        m = importlib.util.module_from_spec(pkg)
-        sys.modules["atelier_pure_models"] = m
-        pkg.loader.exec_module(m)
-    spec = importlib.util.spec_from_file_location(name, ROOT / "models" / "time_experts.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_models("time_experts")
 
 
 def _sd_table():

@@ -11,37 +11,20 @@ crash; only what is missing is embedded. Exit status: 0 ok, 2 a problem to fix (
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.machinery
-import importlib.util
 import logging
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-PKG = "atelier_models"
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-
-def load_knn():
-    """models/knn.py as part of a package loaded by file path: the repo root never goes on sys.path
-    (its nodes/ package would shadow ComfyUI's nodes module)."""
-    if PKG not in sys.modules:
-        init = REPO / "models" / "__init__.py"
-        if init.is_file():
-            spec = importlib.util.spec_from_file_location(PKG, init, submodule_search_locations=[str(REPO / "models")])
-        else:
-            spec = importlib.machinery.ModuleSpec(PKG, None, is_package=True)
-            spec.submodule_search_locations = [str(REPO / "models")]
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules[PKG] = pkg
-        if spec.loader is not None:
-            spec.loader.exec_module(pkg)
-    return importlib.import_module(f"{PKG}.knn")
+from pure_models import load_models  # noqa: E402  (tools/pure_models.py)
 
 
 def comfy_index_dir(name: str) -> Path:
-    import comfy_env  # tools/ is this script's directory, so it is importable
+    import comfy_env
 
     comfy = comfy_env.find_comfyui(install=False, verbose=False)
     return Path(comfy) / "models" / "atelier" / "knn_index" / name
@@ -76,7 +59,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
-    knn = load_knn()
+    knn = load_models("knn")
     try:
         index_dir = comfy_index_dir(knn.check_index_name(args.name)) if args.name else Path(args.index).expanduser()
         embedder = knn.load_open_clip(args.clip_weights, arch=args.clip_arch, config=args.clip_config,

@@ -49,11 +49,8 @@ def main(argv=None) -> int:
 
     images = Path(ns.images).resolve()
     if ns.make_world:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("atelier_world", HERE.parent / "models" / "world.py")
-        world = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(world)
-        make_world(images, ns.make_world, 64 if ns.tiny == "sd15" else (128 if ns.tiny else 512), world)
+        from pure_models import load_models
+        make_world(images, ns.make_world, 64 if ns.tiny == "sd15" else (128 if ns.tiny else 512), load_models("world"))
     if not images.is_dir():
         print(f"--images: {images} is not a folder", file=sys.stderr)
         return 2

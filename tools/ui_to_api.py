@@ -8,6 +8,8 @@ bypassed (mode 4) nodes are resolved the way the frontend resolves them when it 
 """
 from __future__ import annotations
 
+from pure_models import load_models  # tools/pure_models.py
+
 VIRTUAL = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 UPLOAD_FLAGS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
@@ -127,16 +129,6 @@ def convert(workflow: dict, class_mappings: dict) -> dict:
 
 # --tiny substitution lives in the pack (models/tiny_substitution.py) so the server-side tiny mode
 # (ATELIER_TINY_MODELS=1, nodes/tiny.py) and this runner share one implementation.
-def _load_substitution():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "models" / "tiny_substitution.py"
-    spec = importlib.util.spec_from_file_location("atelier_tiny_substitution", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_sub = _load_substitution()
+_sub = load_models("tiny_substitution")
 substitute_tiny = _sub.substitute_tiny
 TINY_SCALED_INPUTS = _sub.TINY_SCALED_INPUTS
