@@ -53,11 +53,11 @@ def comfy(comfy_path, session_dir):
     h = headless.Headless(comfy_path=comfy_path, output_dir=str(session_dir / "output"),
                           input_dir=str(input_dir), user_dir=str(session_dir / "user"),
                           pack_path=str(link), cpu=True)
-    # What the pack writes under models/ (trained LEPs, kNN indexes) goes to this session's own
-    # folders, first in each list: the suite never reads or replaces files of the user's ComfyUI.
+    # The pack's model folders (trained LEPs, kNN indexes, open_clip files) are this session's own:
+    # the suite never reads, reuses or replaces files of the user's ComfyUI.
     fp = h.folder_paths
     for name in sorted(n for n in fp.folder_names_and_paths if n.startswith("atelier_") and n != "atelier_knn_images"):
-        fp.add_model_folder_path(name, str(session_dir / "models" / name), is_default=True)
+        fp.folder_names_and_paths[name] = ([str(session_dir / "models" / name)], fp.folder_names_and_paths[name][1])
     return h
 
 
