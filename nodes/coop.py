@@ -35,7 +35,7 @@ import torch
 from comfy_api.latest import io
 
 from ..models import coop
-from .glue import check_vae, fail
+from .glue import check_conditioning, check_vae, fail, vae_downscale
 
 LOG = logging.getLogger("atelier.coop")
 ADDITIONAL_KEY = "atelier_coop"
@@ -43,52 +43,6 @@ ADDITIONAL_KEY = "atelier_coop"
 # ------------------------------------------------------------------------- validation
 # VAE/model pairing is checked by the glue (``check_vae``: channels, downscale and, for TAESD-type
 # VAEs, the family recorded in ``glue.FAMILIES``), the same way for every family and every node.
-
-
-def _downscale(vae) -> int | None:
-    r = getattr(vae, "downscale_ratio", 8)
-    return r if isinstance(r, int) else None
-
-
-def _unet_config(model) -> dict:
-    return getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
-
-
-def conditioning_problem(model, conditioning, model_input: str) -> tuple[str, str] | None:
-    """(problem, fix) when ``model`` cannot take ``conditioning``, else None: text width (cross-attention
-    context) and, for models with a pooled/ADM input (SDXL), the pooled embedding's width, so a prompt
-    encoded with another family's CLIP is refused up front instead of failing inside the UNet with a
-    shape error. (Helper for the glue: the lead may move it there.)"""
-    fix = f"encode it with {model_input}'s own CLIP (mixed up two models' prompts?)"
-    if not isinstance(conditioning, list):
-        return "not a CONDITIONING", "connect a CLIP Text Encode output"
-    unet = _unet_config(model)
-    dim, adm = unet.get("context_dim"), unet.get("adm_in_channels")
-    for item in conditioning:
-        if not (isinstance(item, (list, tuple)) and len(item) >= 2 and torch.is_tensor(item[0])):
-            return "not a CONDITIONING", "connect a CLIP Text Encode output"
-        cond, extras = item[0], item[1] if isinstance(item[1], dict) else {}
-        if dim is not None and cond.shape[-1] != dim:
-            return f"it is {cond.shape[-1]}-wide text conditioning but {model_input} takes {dim}-wide text", fix
-        if adm is None or "unclip_conditioning" in extras:
-            continue
-        pooled = extras.get("pooled_output")
-        if pooled is None:
-            return f"it has no pooled text embedding, which {model_input} needs", fix
-        try:
-            width = model.model.encode_adm(pooled_output=pooled, device=pooled.device).shape[-1]
-        except Exception:  # noqa: BLE001  an ADM that needs more than the pooled output: not ours to judge
-            continue
-        if width != adm:
-            return f"its pooled text embedding ({pooled.shape[-1]} wide) does not fit {model_input}", fix
-    return None
-
-
-def check_conditioning(model, conditioning, model_input: str, cond_input: str) -> None:
-    """AtelierError naming ``cond_input`` when ``model`` cannot take ``conditioning`` (see conditioning_problem)."""
-    bad = conditioning_problem(model, conditioning, model_input)
-    if bad is not None:
-        raise fail(cond_input, *bad)
 
 
 def check_two(model_a, model_b) -> None:
@@ -114,7 +68,7 @@ class _Codec:
 
     def __init__(self, model, vae):
         self.model, self.vae = model, vae
-        self.ds = _downscale(vae)
+        self.ds = vae_downscale(vae)
 
     @torch.no_grad()
     def decode(self, z_int: torch.Tensor) -> torch.Tensor:
@@ -371,7 +325,7 @@ def bridge_latent(latent: dict, sigma: float, model_from, vae_from, model_to, va
     lat = latent["samples"]
     if lat.ndim != 4:
         raise ValueError(f"latent: expected an image latent (N, C, H, W), got shape {tuple(lat.shape)}")
-    ds_f, ds_t = _downscale(vae_from), _downscale(vae_to)
+    ds_f, ds_t = vae_downscale(vae_from), vae_downscale(vae_to)
     coop.target_size(lat.shape[-2], lat.shape[-1], scale, name=scale_input)
     ph, pw = coop.target_size(lat.shape[-2] * ds_f, lat.shape[-1] * ds_f, scale, name=scale_input)
     if ph % ds_t or pw % ds_t:

@@ -45,9 +45,10 @@ from ..models.knn_common import IMAGE_EXTENSIONS, atomic_write_bytes
 log = logging.getLogger("atelier")
 
 __all__ = ["AtelierError", "fail", "guard_node", "FAMILIES", "Family", "family_of", "family_row", "check_vae",
-           "vae_family", "register_vae_scale", "check_same_family", "allowed_roots", "resolve_user_folder",
-           "check_inside", "list_files", "WrittenFiles", "refuse_overwrite", "open_safetensors",
-           "load_safetensors", "open_image", "check_interrupt", "interruptible", "check_memory", "available_memory"]
+           "vae_family", "vae_downscale", "register_vae_scale", "check_same_family", "conditioning_problem",
+           "check_conditioning", "allowed_roots", "resolve_user_folder", "check_inside", "list_files",
+           "WrittenFiles", "refuse_overwrite", "open_safetensors", "load_safetensors", "open_image",
+           "check_interrupt", "interruptible", "check_memory", "available_memory", "deprecated"]
 
 
 # ============================================================================ float inputs
@@ -143,7 +144,7 @@ def family_of(model) -> str | None:
     return row.name if row else None
 
 
-def _downscale(vae) -> int | None:
+def vae_downscale(vae) -> int | None:
     r = getattr(vae, "downscale_ratio", 8)
     return r if isinstance(r, int) else None
 
@@ -177,7 +178,7 @@ def check_vae(model, vae, model_input: str = "model", vae_input: str = "vae") ->
         raise fail(vae_input, f"this VAE makes {getattr(vae, 'latent_channels', '?')}-channel latents but "
                               f"{model_input} ({label}) works on {fmt.latent_channels} channels",
                    f"connect the VAE that belongs to {model_input}'s checkpoint")
-    if _downscale(vae) is None:
+    if vae_downscale(vae) is None:
         raise fail(vae_input, "not an image VAE with a fixed downscale factor", "connect an image VAE")
     fam_v = vae_family(vae)
     if fam_v is not None and row is not None and fam_v != row.name:
@@ -197,6 +198,43 @@ def check_same_family(base, other, base_input: str, other_input: str, why: str =
     if ca is not None and cb is not None and ca != cb:
         raise fail(other_input, f"it takes {cb}-wide text conditioning, {base_input} takes {ca}",
                    why or f"use a model of the same family as {base_input}")
+
+
+def conditioning_problem(model, conditioning, model_input: str) -> tuple[str, str] | None:
+    """(problem, fix) when ``model`` cannot take ``conditioning``, else None: text width (cross-attention
+    context) and, for models with a pooled/ADM input (SDXL), the pooled embedding's width, so a prompt
+    encoded with another family's CLIP is refused up front instead of failing inside the UNet with a
+    shape error."""
+    fix = f"encode it with {model_input}'s own CLIP (mixed up two models' prompts?)"
+    if not isinstance(conditioning, list):
+        return "not a CONDITIONING", "connect a CLIP Text Encode output"
+    unet = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+    dim, adm = unet.get("context_dim"), unet.get("adm_in_channels")
+    for item in conditioning:
+        if not (isinstance(item, (list, tuple)) and len(item) >= 2 and torch.is_tensor(item[0])):
+            return "not a CONDITIONING", "connect a CLIP Text Encode output"
+        cond, extras = item[0], item[1] if isinstance(item[1], dict) else {}
+        if dim is not None and cond.shape[-1] != dim:
+            return f"it is {cond.shape[-1]}-wide text conditioning but {model_input} takes {dim}-wide text", fix
+        if adm is None or "unclip_conditioning" in extras:
+            continue
+        pooled = extras.get("pooled_output")
+        if pooled is None:
+            return f"it has no pooled text embedding, which {model_input} needs", fix
+        try:
+            width = model.model.encode_adm(pooled_output=pooled, device=pooled.device).shape[-1]
+        except Exception:  # noqa: BLE001  an ADM that needs more than the pooled output: not ours to judge
+            continue
+        if width != adm:
+            return f"its pooled text embedding ({pooled.shape[-1]} wide) does not fit {model_input}", fix
+    return None
+
+
+def check_conditioning(model, conditioning, model_input: str, cond_input: str) -> None:
+    """AtelierError naming ``cond_input`` when ``model`` cannot take ``conditioning`` (see conditioning_problem)."""
+    bad = conditioning_problem(model, conditioning, model_input)
+    if bad is not None:
+        raise fail(cond_input, *bad)
 
 
 def _context_dim(model):
@@ -457,3 +495,24 @@ def check_memory(need_bytes: float, inputs: str, what: str, device=None, fractio
     if free and need_bytes > fraction * free:
         raise fail(inputs, f"{what} needs about {need_bytes / 2**30:.1f} GiB, the machine has {free / 2**30:.1f} GiB "
                            "free", "lower these inputs")
+
+
+# ============================================================================ node ids are forever
+
+def deprecated(use_instead: str, since: str):
+    """Class decorator for a node that is replaced: it stays registered (saved workflows keep running),
+    its schema is marked deprecated (the frontend hides it from search and badges it) and its
+    description says what to use instead. Never delete or rename a registered node id."""
+    def deco(cls):
+        define = inspect.getattr_static(cls, "define_schema").__func__
+
+        @functools.wraps(define)
+        def define_schema(klass):
+            schema = define(klass)
+            schema.is_deprecated = True
+            schema.description = f"Deprecated since {since}: use {use_instead}. " + (schema.description or "")
+            return schema
+        cls.define_schema = classmethod(define_schema)
+        cls.atelier_use_instead = use_instead
+        return cls
+    return deco

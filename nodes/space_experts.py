@@ -29,7 +29,7 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from ..models import space_experts as se
-from .coop import check_conditioning, conditioning_problem
+from .glue import check_conditioning, conditioning_problem
 from .glue import check_same_family, check_vae, fail, family_row
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ import comfy.patcher_extension as pe
 import comfy.samplers
 
 from ..models import time_experts as te
-from .coop import check_conditioning, conditioning_problem
+from .glue import check_conditioning, conditioning_problem
 from .glue import check_same_family as check_same_family_glue
 from .glue import check_vae, fail
 
