@@ -40,15 +40,17 @@ import comfy.model_management as mm
 import folder_paths
 
 from ..models.errors import AtelierError, fail
+from ..models.lep import LAYERS as LEP_LAYERS
 from ..models.knn_common import IMAGE_EXTENSIONS, atomic_write_bytes
 
 log = logging.getLogger("atelier")
 
-__all__ = ["AtelierError", "fail", "guard_node", "FAMILIES", "Family", "family_of", "family_row", "check_vae",
-           "vae_family", "vae_downscale", "register_vae_scale", "check_same_family", "conditioning_problem",
-           "check_conditioning", "allowed_roots", "resolve_user_folder", "check_inside", "list_files",
-           "WrittenFiles", "refuse_overwrite", "open_safetensors", "load_safetensors", "open_image",
-           "check_interrupt", "interruptible", "check_memory", "available_memory", "deprecated"]
+__all__ = ["AtelierError", "fail", "guard_node", "FAMILIES", "Family", "family_of", "family_row", "native_px",
+           "check_vae", "vae_family", "vae_downscale", "register_vae_scale", "check_same_family",
+           "conditioning_problem", "check_conditioning", "allowed_roots", "resolve_user_folder", "check_inside",
+           "list_files", "WrittenFiles", "refuse_overwrite", "open_safetensors", "load_safetensors", "open_image",
+           "check_interrupt", "interruptible", "check_memory", "available_memory", "deprecated", "hook_key",
+           "cond_rows", "SigmaWindow", "StepCounter"]
 
 
 # ============================================================================ float inputs
@@ -112,14 +114,34 @@ class Family:
     #: latent scales recorded by TAESD-type VAEs of this family (ComfyUI's taesd loaders, Atelier's own)
     vae_scales: dict[float, str] = field(default_factory=dict)
     label: str = ""
+    #: the side in pixels the family was trained at (a model_config may declare its own: ``atelier_native_px``)
+    native_px: int = 512
+    #: where a technique reads or steers text→image attention: "unet-cross" (SD1.5/SDXL attn2 patches);
+    #: the DiT families add "dit-cross" (PixArt) and "mmdit-joint" (Flux, SD3); None: not supported yet
+    attention: str | None = None
+    #: the denoiser layers whose activations feed the latent edge predictor (models/lep.LAYERS), or ()
+    lep_layers: tuple = ()
 
 
 FAMILIES: dict[str, Family] = {
-    "sd15": Family("sd15", comfy.latent_formats.SD15, 4, {0.18215: "TAESD"}, "SD1.5"),
-    "sdxl": Family("sdxl", comfy.latent_formats.SDXL, 4, {0.13025: "TAESDXL"}, "SDXL"),
-    "sd3": Family("sd3", comfy.latent_formats.SD3, 16, {1.5305: "TAESD3"}, "SD3"),
-    "flux": Family("flux", comfy.latent_formats.Flux, 16, {0.3611: "TAEF1"}, "Flux"),
+    "sd15": Family("sd15", comfy.latent_formats.SD15, 4, {0.18215: "TAESD"}, "SD1.5", 512, "unet-cross",
+                   LEP_LAYERS["sd15"]),
+    "sdxl": Family("sdxl", comfy.latent_formats.SDXL, 4, {0.13025: "TAESDXL"}, "SDXL", 1024, "unet-cross",
+                   LEP_LAYERS["sdxl"]),
+    "sd3": Family("sd3", comfy.latent_formats.SD3, 16, {1.5305: "TAESD3"}, "SD3", 1024),
+    "flux": Family("flux", comfy.latent_formats.Flux, 16, {0.3611: "TAEF1"}, "Flux", 1024),
 }
+
+
+def native_px(model) -> int | None:
+    """The side in pixels ``model`` was trained at: what its model_config declares (Atelier's tiny and Mini
+    families do), else its family's."""
+    cfg = getattr(getattr(model, "model", None), "model_config", None)
+    px = getattr(cfg, "atelier_native_px", None)
+    if px:
+        return int(px)
+    row = family_row(model)
+    return row.native_px if row else None
 
 
 def register_vae_scale(family: str, scale: float, source: str) -> None:
@@ -516,3 +538,77 @@ def deprecated(use_instead: str, since: str):
         cls.atelier_use_instead = use_instead
         return cls
     return deco
+
+
+# ============================================================================ sampling-time glue
+
+def hook_key(technique: str) -> str:
+    """The one key convention for everything Atelier hangs on a MODEL (wrappers, callbacks, additional
+    models, transformer_options entries): ``atelier.<technique>``."""
+    return f"atelier.{technique}"
+
+
+def cond_rows(cond_or_uncond, batch: int) -> list[int]:
+    """Row indices of the positive (cond) branch in a CFG batch: ComfyUI stacks one chunk per entry of
+    ``transformer_options["cond_or_uncond"]`` (0 = cond, 1 = uncond), each ``batch / len(...)`` rows."""
+    cou = list(cond_or_uncond or [0])
+    per = batch // len(cou)
+    return [j * per + r for j, kind in enumerate(cou) if kind == 0 for r in range(per)]
+
+
+class SigmaWindow:
+    """Where in the schedule a technique acts: ``start``/``end`` in percent of the model's own noise
+    schedule (0 = pure noise, 1 = clean; the convention of core ConditioningSetTimestepRange and of
+    diffusers' guider start/stop), and ``every`` = k to act on every k-th step inside it.
+
+    The window is a noise-level range, so it means the same thing whatever the sampler, the step count
+    or the model's parameterisation (read through its own ``model_sampling``)."""
+
+    def __init__(self, start: float = 0.0, end: float = 1.0, every: int = 1, start_input: str = "start_percent",
+                 end_input: str = "end_percent", every_input: str = "every"):
+        self.start, self.end, self.every = float(start), float(end), int(every)
+        self.start_input, self.end_input = start_input, end_input
+        if not 0.0 <= self.start <= 1.0:
+            raise fail(start_input, f"{start} is outside [0, 1]", "0 = the first (noisiest) step, 1 = the end")
+        if not 0.0 <= self.end <= 1.0:
+            raise fail(end_input, f"{end} is outside [0, 1]", "0 = the first (noisiest) step, 1 = the end")
+        if self.end < self.start:
+            raise fail(end_input, f"{end} is before {start_input} {start}; the window would be empty",
+                       f"make {end_input} at least {start_input}")
+        if self.every < 1:
+            raise fail(every_input, f"{every} must be 1 or more", "1 = every step of the window")
+
+    def sigmas(self, model_sampling) -> tuple[float, float]:
+        """(sigma at start, sigma at end): the window is ``end <= sigma <= start``."""
+        return float(model_sampling.percent_to_sigma(self.start)), float(model_sampling.percent_to_sigma(self.end))
+
+    def contains(self, model_sampling, sigma: float) -> bool:
+        hi, lo = self.sigmas(model_sampling)
+        return lo <= float(sigma) <= hi
+
+    def steps(self, model_sampling, sigmas) -> list[int]:
+        """Indices of the steps of a schedule (``sigmas``, last = the end) whose sigma lies in the window."""
+        hi, lo = self.sigmas(model_sampling)
+        s = [float(v) for v in sigmas]
+        return [i for i, v in enumerate(s[:-1]) if lo <= v <= hi]
+
+    def chosen_steps(self, model_sampling, sigmas) -> set[int]:
+        """The steps the technique acts on: every ``every``-th step of the window, from its first."""
+        return set(self.steps(model_sampling, sigmas)[::self.every])
+
+
+class StepCounter:
+    """For hooks that see one sigma at a time: the index of a step among the distinct sigmas seen this
+    run (a repeated call at the same sigma, e.g. a second pass of the same step, gets the same index)."""
+
+    def __init__(self):
+        self.seen: list[float] = []
+
+    def index(self, sigma: float) -> int:
+        sigma = float(sigma)
+        if sigma not in self.seen:
+            self.seen.append(sigma)
+        return self.seen.index(sigma)
+
+    def reset(self) -> None:
+        self.seen = []

@@ -56,11 +56,13 @@ _CLIP_SMALL = {"intermediate_size": 128, "num_attention_heads": 2}
 
 
 class TinySD15(comfy.supported_models.SD15):
+    atelier_native_px = 64
     unet_config = dict(_SD15_UNET)
     unet_extra_config = {"num_heads": 8, "num_head_channels": -1}
 
 
 class TinySDXL(comfy.supported_models.SDXL):
+    atelier_native_px = 128
     unet_config = dict(_SDXL_UNET)
     unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
 
