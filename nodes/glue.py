@@ -50,7 +50,8 @@ __all__ = ["AtelierError", "fail", "guard_node", "FAMILIES", "Family", "family_o
            "conditioning_problem", "check_conditioning", "allowed_roots", "resolve_user_folder", "check_inside",
            "list_files", "WrittenFiles", "refuse_overwrite", "open_safetensors", "load_safetensors", "open_image",
            "check_interrupt", "interruptible", "check_memory", "available_memory", "deprecated", "hook_key",
-           "cond_rows", "SigmaWindow", "StepCounter"]
+           "cond_rows", "SigmaWindow", "StepCounter", "register_run_state", "reset_run_states",
+           "register_model_folder"]
 
 
 # ============================================================================ float inputs
@@ -612,3 +613,34 @@ class StepCounter:
 
     def reset(self) -> None:
         self.seen = []
+
+
+RUN_STATE = hook_key("run_state")
+
+
+def register_run_state(model_patcher, key: str, reset) -> None:
+    """Declare per-run state that ``reset()`` clears, on a (cloned) MODEL. Whatever carries the model —
+    its own sampler run, or another technique that calls it as one of several experts — calls
+    ``reset_run_states`` at the start of every run, so nothing from an earlier prompt leaks into the next.
+    ``reset`` must be a plain function or closure (ModelPatcher.clone deep-copies model_options; a function
+    is kept by reference, an object would be copied)."""
+    to = model_patcher.model_options.setdefault("transformer_options", {})
+    to[RUN_STATE] = {**to.get(RUN_STATE, {}), key: reset}
+
+
+def reset_run_states(model_options: dict) -> None:
+    """Reset every per-run state registered on a MODEL's options (see ``register_run_state``)."""
+    for reset in dict((model_options or {}).get("transformer_options", {}).get(RUN_STATE, {})).values():
+        reset()
+
+
+# ============================================================================ folders
+
+def register_model_folder(name: str, sub: tuple[str, ...] | None, exts) -> None:
+    """Register a model folder with ComfyUI: ``models/<sub...>`` first (if ``sub``), then any paths
+    extra_model_paths.yaml already gave ``name``. ``sub`` None: only what the user lists."""
+    paths, _ = folder_paths.folder_names_and_paths.get(name, ([], set()))
+    if sub is not None:
+        default = os.path.join(folder_paths.models_dir, *sub)
+        paths = [default] + [p for p in paths if p != default]
+    folder_paths.folder_names_and_paths[name] = (list(paths), set(exts))

@@ -47,19 +47,10 @@ Index = io.Custom("ATELIER_KNN_INDEX")
 Neighbours = io.Custom("ATELIER_KNN_NEIGHBOURS")
 
 
-def _register_folders() -> None:
-    """Our model folders, keeping any paths extra_model_paths.yaml already gave them."""
-    for name, sub, exts in ((FOLDER_INDEX, ("atelier", "knn_index"), {".json"}),
+for _name, _sub, _exts in ((FOLDER_INDEX, ("atelier", "knn_index"), {".json"}),
                             (FOLDER_OPEN_CLIP, ("atelier", "open_clip"), {".safetensors"}),
                             (FOLDER_IMAGES, None, set())):
-        paths, _ = folder_paths.folder_names_and_paths.get(name, ([], set()))
-        if sub is not None:
-            default = os.path.join(folder_paths.models_dir, *sub)
-            paths = [default] + [p for p in paths if p != default]
-        folder_paths.folder_names_and_paths[name] = (paths, exts)
-
-
-_register_folders()
+    glue.register_model_folder(_name, _sub, _exts)
 
 
 # ----------------------------------------------------------------------------- paths
