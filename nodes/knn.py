@@ -173,30 +173,6 @@ class AtelierKNNOpenCLIPLoader(io.ComfyNode):
                                                 input_name="clip_name", tensors=tensors, metadata=metadata))
 
 
-class AtelierKNNTinyOpenCLIPLoader(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="AtelierKNNTinyOpenCLIPLoader",
-            display_name="Atelier kNN Tiny open_clip (test model)",
-            category=CATEGORY,
-            description="A toy open_clip model (both towers, real tokenizer) with seeded random weights, embedding "
-                        "into 32 dimensions like the tiny unCLIP model reads. Its neighbours are arbitrary: it "
-                        "exists to try the kNN workflows and run tests without downloading weights; tiny mode "
-                        "puts it in place of Atelier kNN open_clip Loader.",
-            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                                 tooltip="Seed of the random weights. An index built with one seed is queried "
-                                         "with the same seed.")],
-            outputs=[Embedder.Output("embedder", tooltip="Embedding model for the kNN nodes.")],
-        )
-
-    @classmethod
-    def execute(cls, seed: int) -> io.NodeOutput:
-        from .tiny_family import TINY_OPEN_CLIP
-        return io.NodeOutput(knn_embed.random_open_clip_embedder(
-            TINY_OPEN_CLIP, seed, device=comfy.model_management.text_encoder_device()))
-
-
 class AtelierKNNCLIPVisionEmbedder(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -595,7 +571,6 @@ class AtelierKNNConditioning(io.ComfyNode):
 NODES = [
     AtelierWorldFolder,
     AtelierKNNOpenCLIPLoader,
-    AtelierKNNTinyOpenCLIPLoader,
     AtelierKNNCLIPVisionEmbedder,
     AtelierKNNBuildIndex,
     AtelierKNNIndexLoader,

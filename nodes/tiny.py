@@ -4,10 +4,15 @@ from __future__ import annotations
 import logging
 import os
 
+import comfy.model_management as mm
 from comfy_api.latest import io
 
+from ..models import knn_embed
 from ..models.tiny_substitution import substitute_tiny
 from . import tiny_family
+
+# The kNN nodes' embedder type (the same type string as in nodes/knn.py).
+Embedder = io.Custom("ATELIER_KNN_EMBEDDER")
 
 
 class AtelierTinyCheckpointLoader(io.ComfyNode):
@@ -72,7 +77,30 @@ class AtelierTinyUnCLIPCheckpointLoader(io.ComfyNode):
         return io.NodeOutput(*tiny_family.build_unclip_family(seed))
 
 
-NODES = [AtelierTinyCheckpointLoader, AtelierTinyUnCLIPCheckpointLoader]
+class AtelierKNNTinyOpenCLIPLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierKNNTinyOpenCLIPLoader",
+            display_name="Atelier kNN Tiny open_clip (test model)",
+            category="atelier/retrieval",
+            description="A toy open_clip model (both towers, real tokenizer) with seeded random weights, embedding "
+                        "into 32 dimensions like the tiny unCLIP model reads. Its neighbours are arbitrary: it "
+                        "exists to try the kNN workflows and run tests without downloading weights; tiny mode "
+                        "puts it in place of Atelier kNN open_clip Loader.",
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                                 tooltip="Seed of the random weights. An index built with one seed is queried "
+                                         "with the same seed.")],
+            outputs=[Embedder.Output("embedder", tooltip="Embedding model for the kNN nodes.")],
+        )
+
+    @classmethod
+    def execute(cls, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(knn_embed.random_open_clip_embedder(
+            tiny_family.TINY_OPEN_CLIP, seed, device=mm.text_encoder_device()))
+
+
+NODES = [AtelierTinyCheckpointLoader, AtelierTinyUnCLIPCheckpointLoader, AtelierKNNTinyOpenCLIPLoader]
 
 
 def _tiny_prompt_handler(json_data: dict) -> dict:
