@@ -1,0 +1,30 @@
+"""Issue 15: the composition matrix in the suite — each technique × a handful of core patches × order
+(after / before the technique), through the real executor on the tiny models. Every cell must keep both
+effects (neither lost nor blown up) and the technique's no-op setting must be bit-identical to the core
+patch alone. The full grid is `python bench/bench_compose.py` (tools/compose_matrix.py measures both)."""
+from __future__ import annotations
+
+import pytest
+
+from atelier_testlib import load_tool
+
+cm = load_tool("compose_matrix")
+
+# Sized for the suite: the patches users chain most, few steps. The bench runs every patch.
+SUITE_PATCHES = ("FreeU", "PAG", "ToMe", "v-prediction")
+CELLS = [(t, p, o) for t in cm.TECHNIQUES for p in SUITE_PATCHES for o in ("after", "before")]
+
+
+@pytest.fixture(scope="module")
+def matrix(comfy):
+    return cm.Matrix(comfy, steps=4)
+
+
+@pytest.mark.parametrize("technique,patch,order", CELLS, ids=[f"{t}|{p}|{o}" for t, p, o in CELLS])
+def test_both_effects_survive_and_the_noop_is_exact(matrix, technique, patch, order):
+    r = matrix.cell(cm.TECHNIQUES[technique], patch, order)
+    assert r["finite"], r
+    assert r["noop_exact_alone"], f"{technique}: its no-op setting is not bit-identical even without {patch}"
+    assert r["noop_exact"], f"{technique} off + {patch} ({order}) differs from {patch} alone: {r}"
+    assert r["t_kept"], f"{technique}'s effect is lost with {patch} ({order}): {r}"
+    assert r["p_kept"], f"{patch}'s effect is lost or blown up with {technique} ({order}): {r}"
