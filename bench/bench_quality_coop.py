@@ -32,80 +32,53 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import statistics
-import time
 
 import harness
+from quality_common import (add_common_args, adherence, adherence_row, base_graph, boot, decode, family_refs,
+                            format_paired, ksampler, mean_ci, paired_diff, run_cases)
 
-SCORES = ("object", "color", "shape")
 COH = ("edge_f1", "chamfer", "hist_intersection", "lowfreq_psnr")
 FINALS = ("sd15 alone", "sdxl alone", "bridge", "plain", "core renoise", "fused")
 
 
-def _base(text: str) -> dict:
-    return {
-        "L1": {"class_type": "AtelierMiniCheckpointLoader", "inputs": {"family": "sd15"}},
-        "L2": {"class_type": "AtelierMiniCheckpointLoader", "inputs": {"family": "sdxl"}},
-        "P1": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["L1", 1]}},
-        "N1": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["L1", 1]}},
-        "P2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["L2", 1]}},
-        "N2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["L2", 1]}},
-        "E1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "E2": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
-    }
-
-
-def _ks(fam: str, latent, seed, steps, cfg) -> dict:
-    m = "L1" if fam == "sd15" else "L2"
-    p, n = ("P1", "N1") if fam == "sd15" else ("P2", "N2")
-    return {"class_type": "KSampler", "inputs": {
-        "model": [m, 0], "positive": [p, 0], "negative": [n, 0], "latent_image": latent, "seed": seed,
-        "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
-
-
 def _ksa(fam: str, latent, seed, steps, cfg, start, end, add_noise: bool, leftover: bool) -> dict:
-    m = "L1" if fam == "sd15" else "L2"
-    p, n = ("P1", "N1") if fam == "sd15" else ("P2", "N2")
+    model, pos, neg = family_refs(fam)
     return {"class_type": "KSamplerAdvanced", "inputs": {
-        "model": [m, 0], "add_noise": "enable" if add_noise else "disable", "noise_seed": seed, "steps": steps,
-        "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "positive": [p, 0], "negative": [n, 0],
+        "model": model, "add_noise": "enable" if add_noise else "disable", "noise_seed": seed, "steps": steps,
+        "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "positive": pos, "negative": neg,
         "latent_image": latent, "start_at_step": start, "end_at_step": end,
         "return_with_leftover_noise": "enable" if leftover else "disable"}}
 
 
-def _decode(samples, vae_loader: str) -> dict:
-    return {"class_type": "VAEDecode", "inputs": {"samples": samples, "vae": [vae_loader, 2]}}
-
-
 def case_graph(case: str, text: str, seed: int, steps: int, cfg: float, k: int) -> dict:
     """API graph of one case; the picture to read is node 'OUT' (a VAEDecode)."""
-    g = _base(text)
+    g = base_graph(text)
     if case == "sd15 alone":
-        g["S"] = _ks("sd15", ["E1", 0], seed, steps, cfg)
-        g["OUT"] = _decode(["S", 0], "L1")
+        g["S"] = ksampler("sd15", ["E1", 0], seed, steps, cfg)
+        g["OUT"] = decode(["S", 0], "L1")
     elif case == "sdxl alone":
-        g["S"] = _ks("sdxl", ["E2", 0], seed, steps, cfg)
-        g["OUT"] = _decode(["S", 0], "L2")
+        g["S"] = ksampler("sdxl", ["E2", 0], seed, steps, cfg)
+        g["OUT"] = decode(["S", 0], "L2")
     elif case == "x0@k":
         g["S"] = _ksa("sd15", ["E1", 0], seed, steps, cfg, 0, k, add_noise=True, leftover=False)
-        g["OUT"] = _decode(["S", 0], "L1")
+        g["OUT"] = decode(["S", 0], "L1")
     elif case == "bridge":
         g["S"] = {"class_type": "AtelierResolutionBridgeSampler", "inputs": {
             "model_low": ["L1", 0], "vae_low": ["L1", 2], "positive_low": ["P1", 0], "negative_low": ["N1", 0],
             "model_high": ["L2", 0], "vae_high": ["L2", 2], "positive_high": ["P2", 0], "negative_high": ["N2", 0],
             "latent_image": ["E1", 0], "seed": seed, "steps": steps, "sampler_name": "euler", "scheduler": "normal",
             "cfg_low": cfg, "cfg_high": cfg, "switch_at": k / steps, "scale": 2.0, "resize_method": "bicubic"}}
-        g["OUT"] = _decode(["S", 0], "L2")
+        g["OUT"] = decode(["S", 0], "L2")
     elif case in ("plain", "core renoise"):
         renoise = case == "core renoise"
         g["S1"] = _ksa("sd15", ["E1", 0], seed, steps, cfg, 0, k, add_noise=True, leftover=not renoise)
-        g["D1"] = _decode(["S1", 0], "L1")
+        g["D1"] = decode(["S1", 0], "L1")
         g["UP"] = {"class_type": "ImageScale", "inputs": {"image": ["D1", 0], "upscale_method": "bicubic",
                                                           "width": 128, "height": 128, "crop": "disabled"}}
         g["EN"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["UP", 0], "vae": ["L2", 2]}}
         g["S2"] = _ksa("sdxl", ["EN", 0], seed, steps, cfg, k, 10000, add_noise=renoise, leftover=False)
-        g["OUT"] = _decode(["S2", 0], "L2")
+        g["OUT"] = decode(["S2", 0], "L2")
     elif case == "fused":
         g["S"] = {"class_type": "AtelierCoopSampler", "inputs": {
             "model_a": ["L2", 0], "vae_a": ["L2", 2], "positive_a": ["P2", 0], "negative_a": ["N2", 0], "cfg_a": cfg,
@@ -113,52 +86,16 @@ def case_graph(case: str, text: str, seed: int, steps: int, cfg: float, k: int) 
             "fusion_d": 0.6, "bridge_every": 2, "start_percent": 0.0, "end_percent": 0.8, "b_scale": 0.5,
             "resize_method": "bicubic", "latent_image": ["E2", 0], "seed": seed, "steps": steps,
             "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
-        g["OUT"] = _decode(["S", 0], "L2")
+        g["OUT"] = decode(["S", 0], "L2")
     else:
         raise ValueError(case)
     g["PV"] = {"class_type": "PreviewImage", "inputs": {"images": ["OUT", 0]}}
     return g
 
 
-def mean_ci(xs):
-    m = statistics.mean(xs)
-    half = 1.96 * statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
-    return m, half
-
-
-def run_cases(h, captions: list[str], cases: list[str], graph_for) -> tuple[dict, dict]:
-    """Every case's graph for every caption (noise seed = prompt index); the image at node "OUT" and
-    the seconds of each run, per case. ``graph_for(case, text, seed)`` builds the API prompt."""
-    import torch
-    images = {c: [] for c in cases}
-    seconds = {c: [] for c in cases}
-    for i, text in enumerate(captions):
-        for c in cases:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                h.run_prompt(graph_for(c, text, i))
-            seconds[c].append(time.perf_counter() - t0)
-            images[c].append(h.executor.caches.outputs.get("OUT")[0][0][0].numpy())
-        print(f"[{i + 1}/{len(captions)}] {text}", flush=True)
-    return images, seconds
-
-
-def paired_diff(per_a: dict, per_b: dict, metrics=("object", "color", "shape", "count_match")) -> dict:
-    """Per-prompt differences a - b of each metric: mean, 95% CI half-width, prompts better/worse."""
-    d = {}
-    for m in metrics:
-        xs = [a - b for a, b in zip(per_a[m], per_b[m])]
-        mm, half = mean_ci(xs)
-        d[m] = {"mean": mm, "ci95": half, "wins": sum(x > 0 for x in xs), "losses": sum(x < 0 for x in xs)}
-    return d
-
-
 def main():
     ap = argparse.ArgumentParser(description="Coop bridge coherence and adherence on Atelier Mini.")
-    ap.add_argument("--n", type=int, default=None, help="prompts (default 24; 3 quick)")
-    ap.add_argument("--seed", type=int, default=7, help="prompt-set seed (world.prompt_set)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--cfg", type=float, default=5.0)
+    add_common_args(ap)
     ap.add_argument("--switch", type=float, default=0.5, help="handoff at step round(switch*steps)")
     ap.add_argument("--grid", default=str(harness.ROOT / "docs" / "quality_coop_grid.png"), help="'' to skip")
     ap.add_argument("--grid-n", type=int, default=8)
@@ -166,16 +103,8 @@ def main():
     ap.add_argument("--cases", default=",".join(FINALS),
                     help="comma-separated finals to run (sd15 alone is always run: it is a stage-1 reference)")
     ns = ap.parse_args()
-    import torch
-    torch.set_num_threads(1)
-    n = ns.n or (3 if harness.quick() else 24)
     k = round(ns.switch * ns.steps)
-    h = harness.boot()
-    import comfy.utils
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    pkg = h.pack_module.__name__
-    world = importlib.import_module(pkg + ".models.world")
-    metrics = importlib.import_module(pkg + ".models.metrics")
+    h, pkg, world, metrics, n = boot(ns)
 
     prompts = world.prompt_set(ns.seed, n, size=64)
     captions = [p.caption for p in prompts]
@@ -186,20 +115,8 @@ def main():
     # prompt adherence of every final picture
     rows, per_adh = [], {}
     for c in finals:
-        dets = [metrics.detect_objects(im) for im in images[c]]
-        adh = [metrics.prompt_adherence(None, t, detections=d) for t, d in zip(captions, dets)]
-        shuf = metrics.shuffled_baseline(captions, detections=dets)
-        row = {"case": c, "px": images[c][0].shape[0], "n": n,
-               "median_s": statistics.median(seconds[c])}
-        for s in SCORES:
-            row[s] = statistics.mean(getattr(a, f"{s}_score") for a in adh)
-        row["count_match"] = statistics.mean(float(a.count_match) for a in adh)
-        row["mean_detected"] = statistics.mean(float(len(d)) for d in dets)
-        row.update({f"shuffled_{s}": shuf[s] for s in SCORES})
-        row.update({f"margin_{s}": row[s] - shuf[s] for s in SCORES})
-        per_adh[c] = {s: [getattr(a, f"{s}_score") for a in adh] for s in SCORES}
-        per_adh[c]["count_match"] = [float(a.count_match) for a in adh]
-        rows.append(row)
+        per_adh[c], shuf = adherence(metrics, captions, images[c])
+        rows.append(adherence_row(c, images[c], seconds[c], per_adh[c], shuf, ci=False))
     adh_diffs = {}
     for c in [c for c in ("bridge", "plain", "core renoise", "fused") if c in finals]:
         for ref in [r for r in ("sd15 alone", "sdxl alone") if r in finals]:
@@ -257,8 +174,7 @@ def main():
                                           for m, v in d.items()))
     print("\nPaired adherence differences (mean ± 95% CI; prompts better/worse)")
     for name, d in adh_diffs.items():
-        print(f"{name:>28}  " + "  ".join(f"{m} {v['mean']:+.3f}±{v['ci95']:.3f} ({v['wins']}/{v['losses']})"
-                                          for m, v in d.items()))
+        print(f"{name:>28}  " + format_paired(d))
     if ns.grid and not harness.quick():
         from pathlib import Path
         bq = importlib.import_module("bench_quality")

@@ -30,9 +30,9 @@ import statistics
 from pathlib import Path
 
 import harness
-from bench_quality_coop import _base, _decode, _ks, mean_ci, paired_diff, run_cases
+from quality_common import (SCORES, add_common_args, adherence, adherence_row, base_graph, boot, decode,
+                            format_paired, ksampler, paired_diff, run_cases)
 
-SCORES = ("object", "color", "shape")
 OLD_DEFAULT = harness.ROOT / "out" / "mini_old" / "atelier_mini_sd15_3000.safetensors"
 
 
@@ -57,26 +57,26 @@ def register_path_loader(h, pkg: str) -> None:
 
 
 def case_graph(case: str, text: str, seed: int, steps: int, cfg: float, old: str | None) -> dict:
-    g = _base(text)
+    g = base_graph(text)
     if old:
         g["L3"] = {"class_type": "BenchMiniPathLoader", "inputs": {"family": "sd15", "path": old}}
     if case == "sd15 alone":
-        g["S"] = _ks("sd15", ["E1", 0], seed, steps, cfg)
-        g["OUT"] = _decode(["S", 0], "L1")
+        g["S"] = ksampler("sd15", ["E1", 0], seed, steps, cfg)
+        g["OUT"] = decode(["S", 0], "L1")
     elif case == "sdxl alone":
-        g["S"] = _ks("sdxl", ["E2", 0], seed, steps, cfg)
-        g["OUT"] = _decode(["S", 0], "L2")
+        g["S"] = ksampler("sdxl", ["E2", 0], seed, steps, cfg)
+        g["OUT"] = decode(["S", 0], "L2")
     elif case == "sd15 old alone":
-        g["S"] = _ks("sd15", ["E1", 0], seed, steps, cfg)
+        g["S"] = ksampler("sd15", ["E1", 0], seed, steps, cfg)
         g["S"]["inputs"]["model"] = ["L3", 0]
-        g["OUT"] = _decode(["S", 0], "L1")
+        g["OUT"] = decode(["S", 0], "L1")
     elif case.startswith("routed sd15"):
         first, second = (("L3", "L1") if case == "routed sd15 old->new" else ("L1", "L3"))
         g["TE"] = {"class_type": "AtelierTimeExperts", "inputs": {
             "model_1": [first, 0], "model_2": [second, 0], "mode": "timestep", "boundaries": "500"}}
-        g["S"] = _ks("sd15", ["E1", 0], seed, steps, cfg)
+        g["S"] = ksampler("sd15", ["E1", 0], seed, steps, cfg)
         g["S"]["inputs"]["model"] = ["TE", 0]
-        g["OUT"] = _decode(["S", 0], "L1")
+        g["OUT"] = decode(["S", 0], "L1")
     elif case.startswith("struct "):
         t = int(case.rsplit("@", 1)[1])
         up = case.startswith("struct sd15")
@@ -87,7 +87,7 @@ def case_graph(case: str, text: str, seed: int, steps: int, cfg: float, old: str
             "sampler_name": "euler", "scheduler": "normal", "t_struct": t, "denoise": 1.0,
             "texture_positive": [f"P{x}", 0], "texture_negative": [f"N{x}", 0],
             "structure_vae": [f"L{s}", 2], "texture_vae": [f"L{x}", 2], "texture_scale": 2.0 if up else 0.5}}
-        g["OUT"] = _decode(["S", 0], f"L{x}")
+        g["OUT"] = decode(["S", 0], f"L{x}")
     else:
         raise ValueError(case)
     g["PV"] = {"class_type": "PreviewImage", "inputs": {"images": ["OUT", 0]}}
@@ -96,25 +96,14 @@ def case_graph(case: str, text: str, seed: int, steps: int, cfg: float, old: str
 
 def main():
     ap = argparse.ArgumentParser(description="Routed (time experts) vs single-model sampling on Atelier Mini.")
-    ap.add_argument("--n", type=int, default=None, help="prompts (default 24; 3 quick)")
-    ap.add_argument("--seed", type=int, default=7, help="prompt-set seed (world.prompt_set)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--cfg", type=float, default=5.0)
+    add_common_args(ap)
     ap.add_argument("--t-struct", default="750,500,250", help="T_struct values for sd15 -> sdxl")
     ap.add_argument("--old", default=str(OLD_DEFAULT), help="earlier Mini sd15 file for same-family routing; '' skips")
     ap.add_argument("--grid", default=str(harness.ROOT / "docs" / "quality_time_grid.png"), help="'' to skip")
     ap.add_argument("--grid-n", type=int, default=8)
     ap.add_argument("--name", default="quality_time", help="results file bench/results/<name>.json")
     ns = ap.parse_args()
-    import torch
-    torch.set_num_threads(1)
-    n = ns.n or (3 if harness.quick() else 24)
-    h = harness.boot()
-    import comfy.utils
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    pkg = h.pack_module.__name__
-    world = importlib.import_module(pkg + ".models.world")
-    metrics = importlib.import_module(pkg + ".models.metrics")
+    h, pkg, world, metrics, n = boot(ns)
     mini = importlib.import_module(pkg + ".nodes.mini")
     old = ns.old if ns.old and Path(ns.old).is_file() else None
     same_weights = None
@@ -133,20 +122,8 @@ def main():
 
     rows, per = [], {}
     for c in cases:
-        dets = [metrics.detect_objects(im) for im in images[c]]
-        adh = [metrics.prompt_adherence(None, t, detections=d) for t, d in zip(captions, dets)]
-        shuf = metrics.shuffled_baseline(captions, detections=dets)
-        per[c] = {s: [getattr(a, f"{s}_score") for a in adh] for s in SCORES}
-        per[c]["count_match"] = [float(a.count_match) for a in adh]
-        per[c]["n_detected"] = [float(len(d)) for d in dets]
-        row = {"case": c, "px": images[c][0].shape[0], "n": n, "median_s": statistics.median(seconds[c])}
-        for s in SCORES:
-            row[s], row[s + "_ci95"] = mean_ci(per[c][s])
-        row["count_match"] = statistics.mean(per[c]["count_match"])
-        row["mean_detected"] = statistics.mean(per[c]["n_detected"])
-        row.update({f"shuffled_{s}": shuf[s] for s in SCORES})
-        row.update({f"margin_{s}": row[s] - shuf[s] for s in SCORES})
-        rows.append(row)
+        per[c], shuf = adherence(metrics, captions, images[c])
+        rows.append(adherence_row(c, images[c], seconds[c], per[c], shuf, ci=True))
     if old and same_weights:
         for c in ("sd15 old alone", "routed sd15 old->new", "routed sd15 new->old"):
             same = all(float(abs(a - b).max()) == 0.0 for a, b in zip(images[c], images["sd15 alone"]))
@@ -177,8 +154,7 @@ def main():
     print("chance (analytic): " + ", ".join(f"{a} {b:.3f}" for a, b in chance.items()))
     print("\nPaired differences routed - single (mean ± 95% CI; prompts better/worse)")
     for name, d in diffs.items():
-        print(f"{name:>44}  " + "  ".join(f"{m} {v['mean']:+.3f}±{v['ci95']:.3f} ({v['wins']}/{v['losses']})"
-                                          for m, v in d.items()))
+        print(f"{name:>44}  " + format_paired(d))
     if ns.grid and not harness.quick():
         bq = importlib.import_module("bench_quality")
         g = ns.grid_n
