@@ -88,8 +88,8 @@ class Matrix:
             node["inputs"].pop(k, None)
         node["inputs"].update(t.on)
         # keep only what the decoded image needs
-        want = _decode_id(p)
-        keep, todo = set(), [want]
+        save = [k for k, v in p.items() if v["class_type"] == "SaveImage"]
+        keep, todo = set(), save[:1]
         while todo:
             k = todo.pop()
             if k in keep:
