@@ -46,7 +46,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..models import lep as L
-from .tiny_family import family_of
+from ..models.knn_common import atomic_write_bytes
+from . import glue
+from .glue import family_of
 
 log = logging.getLogger(__name__)
 
@@ -108,25 +110,33 @@ class LEPModel:
 
 
 def save_lep(module: L.LatentEdgePredictor, path: str, meta: dict, head: L.DenoisedEdgeHead | None = None) -> None:
-    from safetensors.torch import save_file
+    """Write the predictor atomically (a reader, or a crash, sees the old file or the new one; a symlink at
+    ``path`` is replaced, never written through)."""
+    from safetensors.torch import save
     t = L.state_to_tensors(module)
     if head is not None:
         t.update({L.HEAD_PREFIX + k: v for k, v in L.state_to_tensors(head).items()})
-    save_file(t, path, metadata={k: str(v) for k, v in meta.items()})
+    atomic_write_bytes(Path(path), save(t, metadata={k: str(v) for k, v in meta.items()}))
 
 
-def load_lep(path: str) -> LEPModel:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    with safe_open(path, framework="pt") as f:
-        meta = dict(f.metadata() or {})
+LEP_FIX = "pick another file, or train it again with Atelier Train Latent Edge Predictor"
+
+
+def load_lep(path: str, input_name: str = "lep_name") -> LEPModel:
+    """A trained predictor; a corrupt, foreign or truncated file gives an error naming it (``input_name``)."""
+    tensors, meta = glue.load_safetensors(path, input_name, "latent edge predictor", LEP_FIX)
     if meta.get("atelier") != "lep":
-        raise L.LEPError(f"lep_name: {os.path.basename(path)} has no Atelier LEP metadata; train one with "
-                         "Atelier Train Latent Edge Predictor")
-    sd, head_sd = L.split_head(load_file(path))
-    module = L.lep_from_tensors(sd, meta)
-    head = L.head_from_tensors(head_sd, meta) if head_sd else None
-    meta["layers"] = json.loads(meta.get("layers", "[]"))
+        raise glue.fail(input_name, f"{os.path.basename(path)} ({path}) has no Atelier LEP metadata", LEP_FIX,
+                        cls=L.LEPError)
+    try:
+        sd, head_sd = L.split_head(tensors)
+        module = L.lep_from_tensors(sd, meta)
+        head = L.head_from_tensors(head_sd, meta) if head_sd else None
+        meta["layers"] = json.loads(meta.get("layers", "[]"))
+    except (L.LEPError, RuntimeError, KeyError, ValueError, IndexError) as e:
+        reason = str(e).split("\n")[0].removeprefix("lep_name: ")
+        raise glue.fail(input_name, f"{os.path.basename(path)} ({path}) is not a usable latent edge predictor "
+                                    f"({reason})", LEP_FIX, cls=L.LEPError) from e
     return LEPModel(module, meta, head)
 
 
@@ -280,45 +290,55 @@ class AtelierLEPLoader(io.ComfyNode):
 
 # ----------------------------------------------------------------------------- training
 
-def resolve_folder(text: str) -> Path:
-    """A training folder: relative to ComfyUI's input folder, or absolute inside it."""
-    text = (text or "").strip().strip('"')
-    input_dir = Path(os.path.abspath(folder_paths.get_input_directory()))
-    if not text:
-        raise L.LEPError("folder: type a folder of images (with captions), relative to ComfyUI's input folder")
-    p = Path(text)
-    p = Path(os.path.abspath(p if p.is_absolute() else input_dir / p))
-    if not (p == input_dir or input_dir in p.parents):
-        raise L.LEPError(f"folder: {text!r} is outside ComfyUI's input folder; put the images under {input_dir}")
-    if not p.is_dir():
-        raise L.LEPError(f"folder: {text!r} does not exist under ComfyUI's input folder ({input_dir}); create it "
-                         "and put images there (captions in <image>.txt, else the file name is the caption)")
-    return p
-
-
-def caption_for(path: Path) -> str:
+def caption_for(path: Path, root: Path | None = None, skipped: list | None = None) -> str:
+    """The caption of a training image: <image>.txt beside it, else the file name. A caption file that is a
+    link leading out of the training folder is not read (it is listed in ``skipped``)."""
     side = path.with_suffix(".txt")
     if side.is_file():
-        return side.read_text(encoding="utf-8", errors="replace").strip()
+        if root is not None and not _inside_real(side, root):
+            if skipped is not None:
+                skipped.append((side.relative_to(root).as_posix(), "caption links outside the folder; not read"))
+        else:
+            return side.read_text(encoding="utf-8", errors="replace").strip()
     return re.sub(r"[_\-]+", " ", re.sub(r"\d+$", "", path.stem)).strip()
 
 
-def list_dataset(folder: Path) -> list[tuple[Path, str]]:
-    items = [(p, caption_for(p)) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
+def _reason(e: BaseException) -> str:
+    """The underlying reason of a glue file error (the library's own message), for short listings."""
+    cause = e.__cause__ or e
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
+
+
+def _inside_real(path: Path, root: Path) -> bool:
+    real = Path(os.path.realpath(path))
+    return real == root or root in real.parents
+
+
+def list_dataset(folder: Path, skipped: list | None = None) -> list[tuple[Path, str]]:
+    """(image, caption) pairs under ``folder`` (a real path), in path order. Links leading out of the folder
+    (files or folders) are not followed: they go to ``skipped`` as (relative path, reason)."""
+    root = Path(os.path.realpath(folder))
+    files, left = glue.list_files(root, IMAGE_EXTS)
+    if skipped is not None:
+        skipped.extend(left)
+    items = [(p, caption_for(p, root, skipped)) for p in sorted(files)]
     if not items:
-        raise L.LEPError(f"folder: no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}")
+        raise L.LEPError(f"folder: no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}"
+                         + (f" ({len(left)} entries skipped: links leading out of the folder)" if left else "")
+                         + "; put the training images there")
     return items
 
 
 def load_square(path: Path, size: int) -> torch.Tensor:
+    """A training image, centre-cropped and resized; an unreadable one raises an AtelierError naming it."""
     from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = min(w, h)
-        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        im = im.resize((size, size), Image.BICUBIC)
-        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+    im = glue.open_image(path, "folder")
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    im = im.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
 
 
 def encode_text(base, clip, caption: str, x: torch.Tensor) -> dict:
@@ -339,16 +359,206 @@ def vae_encode(vae, base, images: torch.Tensor) -> torch.Tensor:
     return base.latent_format.process_in(vae.encode(images[..., :3]).float())
 
 
+#: the no-grad feature forward of a larger batch runs in micro-batches of this size (memory, Cancel); batches up
+#: to it run in one forward, as they always did (same numerics).
+FEATURE_CHUNK = 16
+#: what must match for a file (finished predictor or resume checkpoint) to count as the same training
+IDENTITY = ("family", "layers", "channels", "folder", "resolution")
+#: settings a finished file records; a later run with other values is "already trained" and ignores them
+SETTINGS = ("steps", "batch_size", "learning_rate", "edge_method", "seed")
+
+
+def folder_identity(root: Path) -> str:
+    """The training folder as recorded in the files: relative to ComfyUI's input folder ('.' for itself)."""
+    input_real = Path(os.path.realpath(folder_paths.get_input_directory()))
+    try:
+        rel = Path(root).relative_to(input_real).as_posix()
+        return rel or "."
+    except ValueError:
+        return str(root)
+
+
+def _meta_of(path: str, what: str) -> dict:
+    with glue.open_safetensors(path, "name", what, "pick a new name, or turn 'overwrite' on to replace it") as f:
+        return dict(f.metadata() or {})
+
+
+def identity_differences(meta: dict, ident: dict) -> tuple[list[str], list[str]]:
+    """(what differs, what the file does not record) between a file's metadata and this run's identity."""
+    diffs, unknown = [], []
+    for k in IDENTITY:
+        if k not in meta:
+            unknown.append(k)
+            continue
+        have, want = meta[k], ident[k]
+        if k == "layers":
+            try:
+                have = json.loads(have)
+            except ValueError:
+                pass
+            same = have == want
+            have, want = (len(have) if isinstance(have, list) else have), len(want)
+            if not same:
+                diffs.append(f"it reads other UNet layers ({have} layers, this run {want})")
+            continue
+        if str(have) != str(want):
+            label = {"family": "it was trained for {h}, the model here is {w}",
+                     "channels": "its features have {h} channels, this model gives {w}",
+                     "folder": "it was trained on the folder '{h}', this run's folder is '{w}'",
+                     "resolution": "it was trained at {h} px, this run asks {w} px"}[k]
+            diffs.append(label.format(h=have, w=want))
+    return diffs, unknown
+
+
+def _unknown_note(path, unknown) -> str:
+    return (f"{os.path.basename(path)} records no {', '.join(unknown)} (made by an older Atelier version), so "
+            "those could not be compared")
+
+
+def _ignored_settings(meta: dict, wanted: dict) -> list[str]:
+    """The inputs a finished file was trained with other values of (names and both values)."""
+    out = []
+    for k in SETTINGS:
+        if k not in meta:
+            continue
+        have, want = meta[k], wanted[k]
+        if k == "steps":
+            if int(have) != int(want):
+                out.append(f"steps {want} (the file has {have})")
+            continue
+        if k == "learning_rate":
+            try:
+                same = math.isclose(float(have), float(want), rel_tol=1e-9)
+            except ValueError:
+                same = False
+        else:
+            same = str(have) == str(want)
+        if not same:
+            out.append(f"{k} {want} (the file used {have})")
+    return out
+
+
+def check_finished(final_path: str, ident: dict, steps: int, resume: bool, overwrite: bool):
+    """What to do about the finished file at ``final_path``: ``(None, notes)`` to train (and replace it, when
+    that is allowed), or ``(LEPModel, notes)`` when it is this training, already done. A file of another
+    training (family, layers, channels, folder, size), a foreign or unreadable file, or an older file that
+    cannot be compared is never replaced unless ``overwrite`` is on."""
+    if not os.path.lexists(final_path):
+        return None, []
+    if os.path.islink(final_path):
+        if overwrite:
+            return None, [f"replacing the link {final_path} (overwrite on)"]
+        raise glue.refuse_overwrite(final_path, ["it is a symbolic link"])
+    try:
+        meta = _meta_of(final_path, "latent edge predictor")
+    except glue.AtelierError as e:
+        if overwrite:
+            return None, [f"replacing the unreadable {final_path} (overwrite on)"]
+        reason = _reason(e)
+        raise glue.refuse_overwrite(final_path, [f"it is not a readable safetensors file ({reason})"]) from e
+    if meta.get("atelier") != "lep":
+        diffs, unknown = ["it is not an Atelier latent edge predictor"], []
+    else:
+        diffs, unknown = identity_differences(meta, ident)
+    if diffs:
+        if overwrite:
+            return None, [f"replacing {final_path} (overwrite on): " + "; ".join(diffs)]
+        raise glue.refuse_overwrite(final_path, diffs)
+    notes = [_unknown_note(final_path, unknown)] if unknown else []
+    if resume and int(meta.get("steps", -1)) >= steps:
+        return load_lep(final_path, "name"), notes
+    if unknown and not overwrite:
+        raise glue.refuse_overwrite(final_path, [_unknown_note(final_path, unknown)])
+    why = "resume is off" if not resume else f"it has {meta.get('steps')} steps, steps asks {steps}"
+    return None, notes + [f"training again and replacing {final_path} ({why})"]
+
+
+def check_resume(resume_path: str, ident: dict, resume: bool, overwrite: bool) -> tuple[bool, list[str]]:
+    """Whether to continue from the checkpoint at ``resume_path``. A checkpoint of another training, a foreign or
+    unreadable file (or, with resume off, one that cannot be compared) is refused unless ``overwrite`` is on;
+    then it is discarded."""
+    if not os.path.lexists(resume_path):
+        return False, []
+    where = f"the resume checkpoint {resume_path}"
+    if os.path.islink(resume_path):
+        if overwrite:
+            return False, [f"discarding {where} (a link; overwrite on)"]
+        raise glue.refuse_overwrite(resume_path, ["it is a symbolic link, not a resume checkpoint"])
+    try:
+        meta = _meta_of(resume_path, "LEP resume checkpoint")
+    except glue.AtelierError as e:
+        if overwrite:
+            return False, [f"discarding the unreadable {where} (overwrite on)"]
+        reason = _reason(e)
+        raise glue.refuse_overwrite(resume_path, [f"it is not a readable resume checkpoint ({reason})"]) from e
+    if meta.get("atelier") != "lep_resume":
+        diffs, unknown = ["it is not an Atelier LEP resume checkpoint"], []
+    else:
+        diffs, unknown = identity_differences(meta, ident)
+        if {"family", "channels"} & set(unknown):
+            diffs.append("it records no family or channels")
+    if diffs:
+        if overwrite:
+            return False, [f"discarding {where} (overwrite on): " + "; ".join(diffs)]
+        raise glue.refuse_overwrite(resume_path, diffs)
+    if resume:
+        return True, [_unknown_note(resume_path, unknown)] if unknown else []
+    if unknown and not overwrite:
+        raise glue.refuse_overwrite(resume_path, [_unknown_note(resume_path, unknown)])
+    return False, [f"resume is off: {where} (same training) is discarded"]
+
+
+def feature_channels(model, clip, fam: str, dev) -> int:
+    """The LEP's input width for this model: the channels of its 9 layers, from one small forward."""
+    base = model.model
+    x = torch.zeros(1, base.latent_format.latent_channels, 16, 16, device=dev)
+    kw = encode_text(base, clip, "", x)
+    to = dict(model.model_options.get("transformer_options", {}))
+    with torch.no_grad(), L.FeatureCapture(base.diffusion_model, fam) as cap:
+        base.apply_model(x, base.model_sampling.sigma(torch.tensor([500.0], device=dev)), transformer_options=to,
+                         **kw)
+        return int(sum(f.shape[1] for f in cap.take()))
+
+
+def training_memory(channels: int, batch_size: int, resolution: int, images: int) -> tuple[int, int]:
+    """(bytes of the dataset's latents, bytes of one training step): the step holds the batch's captured
+    features (resized, concatenated, copied: ~3x) and the predictor's activations and gradients (~3x its
+    hidden widths), per latent pixel, in fp32."""
+    px = (resolution // 8) ** 2
+    latents = images * 2 * L.OUT_CHANNELS * px * 4 + 2 * 8 * resolution * resolution * 3 * 4
+    step = batch_size * px * 4 * (3 * (channels + L.PE_DIM) + 3 * sum(L.HIDDEN))
+    return latents, step
+
+
+def check_training_memory(channels, batch_size, resolution, images, dev) -> None:
+    latents, step = training_memory(channels, batch_size, resolution, images)
+    cpu = torch.device("cpu")
+    if torch.device(dev).type == "cpu":
+        glue.check_memory(latents + step, "batch_size, resolution",
+                          f"training at {resolution} px with batch {batch_size} ({images} images, {channels} feature "
+                          f"channels)", device=cpu)
+        return
+    glue.check_memory(latents, "resolution", f"the latents of {images} images at {resolution} px", device=cpu)
+    glue.check_memory(step, "batch_size, resolution",
+                      f"one training step at {resolution} px with batch {batch_size} ({channels} feature channels)",
+                      device=dev)
+
+
 def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch_size: int = 16,
               learning_rate: float = 1e-4, resolution: int = 512, edge_method: str = "canny", seed: int = 0,
-              resume: bool = True, save_every: int = 500, progress=None) -> tuple[LEPModel, dict]:
-    """Train an LEP for ``model``; returns the predictor and a report (losses, paths)."""
+              resume: bool = True, save_every: int = 500, progress=None,
+              overwrite: bool = False) -> tuple[LEPModel, dict]:
+    """Train an LEP for ``model``; returns the predictor and a report (losses, paths, skipped files, notes).
+    A name holding another training's file is refused unless ``overwrite``; Cancel acts within one UNet block."""
     if not NAME_RE.match(name or ""):
         raise L.LEPError(f"name: {name!r}; use letters, digits, '_', '-', '.' (it becomes <name>.safetensors)")
     fam = family_of(model)
     if fam not in L.LAYERS:
         raise L.LEPError("model: LEP training supports SD1.5 and SDXL UNets")
-    items = list_dataset(resolve_folder(folder))
+    glue.check_vae(model, vae, "model", "vae")
+    root = glue.resolve_user_folder(folder, "folder", example="lep_training")
+    skipped: list[tuple[str, str]] = []
+    items = list_dataset(root, skipped)
     out_dir = folder_paths.get_folder_paths(FOLDER_LEP)[0]
     resume_dir = folder_paths.get_folder_paths(FOLDER_RESUME)[0]
     os.makedirs(out_dir, exist_ok=True)
@@ -358,27 +568,60 @@ def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch
 
     if resolution <= 0:
         resolution = native_resolution(model)
-    if resume and os.path.isfile(final_path):
-        done = _finished(final_path, fam, steps, resolution)
-        if done is not None:
-            log.info("[Atelier] LEP %s is already trained (%s); loading it", name, final_path)
-            return done, {"path": final_path, "losses": [], "final_loss": float(done.meta.get("final_loss", "nan")),
-                          "start": steps, "skipped": True}
     mm.load_models_gpu([model])
     base = model.model
     dev = mm.get_torch_device()
+    ident = {"family": fam, "layers": L.layer_names(fam), "channels": feature_channels(model, clip, fam, dev),
+             "folder": folder_identity(root), "resolution": resolution}
+    wanted = {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "edge_method": edge_method,
+              "seed": seed}
+    done, notes = check_finished(final_path, ident, steps, resume, overwrite)
+    if done is not None:
+        ignored = _ignored_settings(done.meta, wanted)
+        if ignored:
+            log.warning("[Atelier] LEP %s is already trained (%s); these inputs were IGNORED: %s. To train with them, "
+                        "pick a new name or set resume off (replaces the file).", name, final_path, "; ".join(ignored))
+        else:
+            log.info("[Atelier] LEP %s is already trained (%s); loading it", name, final_path)
+        return done, {"path": final_path, "losses": [], "final_loss": float(done.meta.get("final_loss", "nan")),
+                      "start": steps, "skipped": True, "ignored": ignored, "notes": notes, "skipped_files": skipped}
+    use_resume, more = check_resume(resume_path, ident, resume, overwrite)
+    notes += more
+    for note in notes:
+        log.warning("[Atelier] LEP %s: %s", name, note)
+    check_training_memory(ident["channels"], batch_size, resolution, len(items), dev)
     gen = torch.Generator().manual_seed(seed)
 
-    # Precompute latents of images and edge maps (in chunks) and text conds (once per caption).
-    img_lat, edge_lat, conds = [], [], {}
+    # Precompute latents of images and edge maps (in chunks) and text conds (once per caption). Unreadable
+    # images are skipped and listed; Cancel is checked per chunk and inside the VAE.
+    img_lat, edge_lat, conds, kept = [], [], {}, []
     chunk = 8
-    for c0 in range(0, len(items), chunk):
-        mm.throw_exception_if_processing_interrupted()
-        imgs = torch.cat([load_square(p, resolution)[None] for p, _ in items[c0:c0 + chunk]])
-        edges = L.mask_to_edge_image(edges_of(imgs, edge_method))
-        img_lat.append(vae_encode(vae, base, imgs).cpu())
-        edge_lat.append(vae_encode(vae, base, edges).cpu())
+    with glue.interruptible(vae.first_stage_model, depth=3):
+        for c0 in range(0, len(items), chunk):
+            glue.check_interrupt()
+            imgs = []
+            for p, cap in items[c0:c0 + chunk]:
+                try:
+                    imgs.append(load_square(p, resolution)[None])
+                    kept.append((p, cap))
+                except glue.AtelierError as e:
+                    skipped.append((p.relative_to(root).as_posix(), _reason(e)))
+            if not imgs:
+                continue
+            imgs = torch.cat(imgs)
+            edges = L.mask_to_edge_image(edges_of(imgs, edge_method))
+            img_lat.append(vae_encode(vae, base, imgs).cpu())
+            edge_lat.append(vae_encode(vae, base, edges).cpu())
+    if not kept:
+        raise glue.fail("folder", f"none of the {len(items)} images in {root} could be read ("
+                        + "; ".join(f"{n}: {r}" for n, r in skipped[:5]) + ")",
+                        "replace them with PNG/JPEG/WebP/BMP images", cls=L.LEPError)
+    items = kept
+    if skipped:
+        log.warning("[Atelier] LEP %s: skipped %d file(s) of %s: %s", name, len(skipped), root,
+                    "; ".join(f"{n} ({r})" for n, r in skipped))
     for _, cap in items:
+        glue.check_interrupt()
         if cap not in conds:
             conds[cap] = encode_text(base, clip, cap, img_lat[0][:1].to(dev))
     caps = [cap for _, cap in items]
@@ -392,11 +635,24 @@ def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch
         z = base.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
         kw = {k: torch.cat([conds[caps[i]][k].to(dev) for i in idx]) for k in conds[caps[idx[0]]]}
         to = dict(model.model_options.get("transformer_options", {}))
-        with torch.no_grad(), L.FeatureCapture(base.diffusion_model, fam) as cap:
-            denoised = base.apply_model(z, sigma, transformer_options=to, **kw)
-            feats = L.concat_features(cap.take(), hw)
+        n = len(idx)
+        size = n if n <= FEATURE_CHUNK else FEATURE_CHUNK
+        feats, dens = [], []
+        with torch.no_grad(), glue.interruptible(base.diffusion_model, depth=3), \
+                L.FeatureCapture(base.diffusion_model, fam) as cap:
+            for a in range(0, n, size):
+                glue.check_interrupt()
+                if size == n:
+                    denoised = base.apply_model(z, sigma, transformer_options=to, **kw)
+                else:
+                    denoised = base.apply_model(z[a:a + size], sigma[a:a + size], transformer_options=to,
+                                                **{k: v[a:a + size] for k, v in kw.items()})
+                feats.append(L.concat_features(cap.take(), hw))
+                dens.append(denoised)
         with torch.inference_mode(False):
-            return feats.clone(), denoised.float().clone()
+            if len(feats) == 1:
+                return feats[0].clone(), dens[0].float().clone()
+            return torch.cat(feats), torch.cat(dens).float()
 
     with torch.inference_mode(False):
         probe, probe_x0 = features([0], torch.tensor([500]))
@@ -407,38 +663,45 @@ def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch
         opt = torch.optim.Adam(lep.parameters(), lr=learning_rate)
         opt_head = torch.optim.Adam(head.parameters(), lr=learning_rate)
     start, losses, head_losses = 0, [], []
-    if resume and os.path.isfile(resume_path):
-        start, losses, head_losses = _load_resume(resume_path, lep, opt, probe.shape[1], fam, head, opt_head)
+    if use_resume:
+        start, losses, head_losses = _load_resume(resume_path, lep, opt, head, opt_head)
         log.info("[Atelier] LEP %s: resuming at step %d", name, start)
     meta = {"atelier": "lep", "family": fam, "layers": json.dumps(L.layer_names(fam)), "channels": probe.shape[1],
             "pe_dim": L.PE_DIM, "hidden": json.dumps(list(L.HIDDEN)), "resolution": resolution,
             "edge_method": edge_method, "images": len(items), "batch_size": batch_size, "learning_rate": learning_rate,
-            "head": json.dumps({"hidden": L.HEAD_HIDDEN, "depth": L.HEAD_DEPTH, "input": "denoised latent"})}
+            "head": json.dumps({"hidden": L.HEAD_HIDDEN, "depth": L.HEAD_DEPTH, "input": "denoised latent"}),
+            "folder": ident["folder"], "seed": seed}
+    resume_meta = {k: meta[k] for k in ("family", "layers", "channels", "folder", "resolution")}
     rng = random.Random(seed * 7919 + start)
     n = len(items)
-    for step in range(start, steps):
-        mm.throw_exception_if_processing_interrupted()
-        idx = [rng.randrange(n) for _ in range(batch_size)]
-        t = torch.tensor([rng.randrange(1000) for _ in idx])
-        feats, x0_hat = features(idx, t)
-        with torch.inference_mode(False), torch.enable_grad():
-            lep.train()
-            target = e_all[idx].to(dev)
-            pred = lep(feats, t.to(dev))
-            loss = L.lep_loss(pred, target).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            head_loss = L.lep_loss(head(x0_hat, t.to(dev)), target).mean()
-            opt_head.zero_grad(set_to_none=True)
-            head_loss.backward()
-            opt_head.step()
-        losses.append(float(loss))
-        head_losses.append(float(head_loss))
-        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            _save_resume(resume_path, lep, opt, step + 1, losses, fam, head, opt_head, head_losses)
-        if progress is not None:
-            progress(step + 1, steps)
+    if progress is not None:
+        progress(start, steps)       # the bar shows where training starts (0, or the resumed step) at once
+    with glue.interruptible(lep.net, depth=1), glue.interruptible(head.net, depth=1):
+        for step in range(start, steps):
+            glue.check_interrupt()
+            idx = [rng.randrange(n) for _ in range(batch_size)]
+            t = torch.tensor([rng.randrange(1000) for _ in idx])
+            feats, x0_hat = features(idx, t)
+            with torch.inference_mode(False), torch.enable_grad():
+                lep.train()
+                target = e_all[idx].to(dev)
+                pred = lep(feats, t.to(dev))
+                loss = L.lep_loss(pred, target).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                del feats, pred
+                glue.check_interrupt()
+                head_loss = L.lep_loss(head(x0_hat, t.to(dev)), target).mean()
+                opt_head.zero_grad(set_to_none=True)
+                head_loss.backward()
+                opt_head.step()
+            losses.append(float(loss))
+            head_losses.append(float(head_loss))
+            if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+                _save_resume(resume_path, lep, opt, step + 1, losses, head, opt_head, head_losses, resume_meta)
+            if progress is not None:
+                progress(step + 1, steps)
     lep.eval()
     head.eval()
 
@@ -447,7 +710,7 @@ def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch
     final, final_head = tail_mean(losses), tail_mean(head_losses)
     meta.update(steps=steps, final_loss=final, final_head_loss=final_head)
     save_lep(lep, final_path, meta, head)
-    if os.path.isfile(resume_path):
+    if os.path.lexists(resume_path):
         os.remove(resume_path)
     with torch.inference_mode(False):
         module = L.lep_from_tensors(L.state_to_tensors(lep), meta)
@@ -455,29 +718,13 @@ def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch
     meta["layers"] = L.layer_names(fam)
     return LEPModel(module, meta, head_copy), {"path": final_path, "losses": losses, "final_loss": final,
                                                 "head_losses": head_losses, "final_head_loss": final_head,
-                                                "start": start}
+                                                "start": start, "notes": notes, "skipped_files": skipped}
 
 
 def native_resolution(model) -> int:
-    """The model's training size: 512 SD1.5, 1024 SDXL; Atelier's tiny stand-ins 64/128."""
-    from . import tiny_family
-    cfg = model.model.model_config
-    for fam, spec in tiny_family.FAMILIES.items():
-        if isinstance(cfg, spec["config"]):
-            return spec["native_px"]
-    return 1024 if family_of(model) == "sdxl" else 512
-
-
-def _finished(path, fam, steps, resolution):
-    """The LEP at ``path`` if it is a finished run for this family, step count and size; else None."""
-    try:
-        done = load_lep(path)
-    except Exception:
-        return None
-    m = done.meta
-    if m.get("family") != fam or int(m.get("steps", -1)) < steps or int(m.get("resolution", -1)) != resolution:
-        return None
-    return done
+    """The model's training size (glue.native_px: what its model_config declares, else its family's): 512
+    SD1.5, 1024 SDXL; Atelier's tiny and Mini stand-ins 64/128."""
+    return glue.native_px(model) or (1024 if family_of(model) == "sdxl" else 512)
 
 
 def _adam_tensors(module, opt, prefix: str) -> dict:
@@ -503,39 +750,40 @@ def _load_adam(module, opt, t: dict, prefix: str) -> None:
                             "step": t[f"{prefix}{n}.step"].reshape(()).clone()}
 
 
-def _save_resume(path, lep, opt, step, losses, fam, head, opt_head, head_losses):
-    from safetensors.torch import save_file
+def _save_resume(path, lep, opt, step, losses, head, opt_head, head_losses, identity: dict):
+    """A resumable checkpoint (atomically written) that records the training's identity."""
+    from safetensors.torch import save
     t = {f"lep.{k}": v for k, v in L.state_to_tensors(lep).items()}
     t.update({f"head.{k}": v for k, v in L.state_to_tensors(head).items()})
     t.update(_adam_tensors(lep, opt, "adam."))
     t.update(_adam_tensors(head, opt_head, "adam_head."))
     t["losses"] = torch.tensor(losses, dtype=torch.float32)
     t["head_losses"] = torch.tensor(head_losses, dtype=torch.float32)
-    save_file(t, path, metadata={"atelier": "lep_resume", "step": str(step), "family": fam,
-                                 "channels": str(lep.in_channels)})
+    meta = {"atelier": "lep_resume", "step": str(step), **{k: str(v) for k, v in identity.items()}}
+    atomic_write_bytes(Path(path), save(t, metadata=meta))
 
 
-def _load_resume(path, lep, opt, channels, fam, head, opt_head):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    with safe_open(path, framework="pt") as f:
-        meta = dict(f.metadata() or {})
-    if meta.get("family") != fam or int(meta.get("channels", -1)) != channels:
-        raise L.LEPError(f"resume: the checkpoint {os.path.basename(path)} was made for another model "
-                         f"({meta.get('family')}, {meta.get('channels')} channels); pick another name or set resume off")
-    t = load_file(path)
-    with torch.inference_mode(False):
-        lep.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("lep.")})
-        _load_adam(lep, opt, t, "adam.")
-        head_sd = {k[5:]: v for k, v in t.items() if k.startswith("head.")}
-        if head_sd:
-            head.load_state_dict(head_sd)
-            _load_adam(head, opt_head, t, "adam_head.")
-        else:
-            log.warning("[Atelier] LEP resume checkpoint %s has no denoised-latent head; the head starts afresh",
-                        os.path.basename(path))
-    head_losses = t["head_losses"].tolist() if "head_losses" in t else []
-    return int(meta["step"]), t["losses"].tolist(), head_losses
+def _load_resume(path, lep, opt, head, opt_head):
+    """Continue from a checkpoint whose identity ``check_resume`` accepted; a corrupt one names the file."""
+    fix = "pick a new name, or turn 'overwrite' on to discard the checkpoint"
+    t, meta = glue.load_safetensors(path, "name", "LEP resume checkpoint", fix)
+    try:
+        with torch.inference_mode(False):
+            lep.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("lep.")})
+            _load_adam(lep, opt, t, "adam.")
+            head_sd = {k[5:]: v for k, v in t.items() if k.startswith("head.")}
+            if head_sd:
+                head.load_state_dict(head_sd)
+                _load_adam(head, opt_head, t, "adam_head.")
+            else:
+                log.warning("[Atelier] LEP resume checkpoint %s has no denoised-latent head; the head starts afresh",
+                            os.path.basename(path))
+        head_losses = t["head_losses"].tolist() if "head_losses" in t else []
+        return int(meta["step"]), t["losses"].tolist(), head_losses
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise glue.fail("name", f"{os.path.basename(path)} ({path}) is not a usable LEP resume checkpoint "
+                                f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", fix,
+                        cls=L.LEPError) from e
 
 
 class AtelierTrainLEP(io.ComfyNode):
@@ -570,31 +818,56 @@ class AtelierTrainLEP(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of batches, timesteps and noise."),
                 io.Boolean.Input("resume", default=True,
                                  tooltip="Continue from models/atelier/lep_resume/<name>.safetensors if present; "
-                                         "if <name> is already trained (same family, size, at least these steps) "
-                                         "load it instead of training again. Off: train from scratch."),
+                                         "if <name> is already trained (same model family, folder, size, at least "
+                                         "these steps) load it instead of training again (other inputs are then "
+                                         "ignored; the report says which). "
+                                         "Off: train from scratch."),
                 io.Int.Input("save_every", default=500, min=0, max=100000,
                              tooltip="Steps between resumable checkpoints (0: none)."),
+                io.Boolean.Input("overwrite", default=False, optional=True,
+                                 tooltip="Off: a name that holds another training's predictor or checkpoint (other "
+                                         "model family, layers, folder or size, or a file that is not one) is "
+                                         "refused and left untouched. On: replace it."),
             ],
             outputs=[LEP.Output("lep", tooltip="The trained predictor."),
-                     io.String.Output("report", tooltip="Path, steps and loss.")],
+                     io.String.Output("report", tooltip="Path, steps and loss; skipped files; ignored inputs.")],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, model, clip, vae, folder, name, steps, batch_size, learning_rate, resolution, edge_method,
-                seed, resume, save_every) -> io.NodeOutput:
+                seed, resume, save_every, overwrite=False) -> io.NodeOutput:
         pbar = comfy.utils.ProgressBar(steps)
         lep, rep = train_lep(model, clip, vae, folder, name.strip(), steps, batch_size, learning_rate, resolution,
-                             edge_method, seed, resume, save_every, progress=lambda d, t: pbar.update_absolute(d, t))
+                             edge_method, seed, resume, save_every, progress=lambda d, t: pbar.update_absolute(d, t),
+                             overwrite=bool(overwrite))
+        return io.NodeOutput(lep, training_report(lep, rep, steps))
+
+
+def training_report(lep: LEPModel, rep: dict, steps: int) -> str:
+    """The node's report: what was saved or loaded, what was ignored or skipped (loudly)."""
+    lines = []
+    if rep.get("skipped"):
+        ignored = rep.get("ignored") or []
+        if ignored:
+            lines.append("ALREADY TRAINED - INPUTS IGNORED: " + "; ".join(ignored) + ".")
+            lines.append(f"Loaded the finished {rep['path']} instead of training. To train with these inputs, pick "
+                         "a new name, or set resume off (trains again and replaces the file).")
+        lines.append(f"already trained: {rep['path']} (final loss {rep['final_loss']:.4f}); set resume off to "
+                     "train again")
+    else:
         losses = rep["losses"]
-        if rep.get("skipped"):
-            return io.NodeOutput(lep, f"already trained: {rep['path']} (final loss {rep['final_loss']:.4f}); "
-                                      "set resume off to train again")
-        text = (f"saved {rep['path']}\nfamily {lep.family}, {lep.meta['channels']} channels, steps {steps} "
-                f"(resumed at {rep['start']})\nloss first {losses[0] if losses else float('nan'):.4f} "
-                f"final {rep['final_loss']:.4f}\ndenoised-latent head (fast form) final loss "
-                f"{rep['final_head_loss']:.4f}")
-        return io.NodeOutput(lep, text)
+        lines.append(f"saved {rep['path']}\nfamily {lep.family}, {lep.meta['channels']} channels, steps {steps} "
+                     f"(resumed at {rep['start']})\nloss first {losses[0] if losses else float('nan'):.4f} "
+                     f"final {rep['final_loss']:.4f}\ndenoised-latent head (fast form) final loss "
+                     f"{rep['final_head_loss']:.4f}")
+    for note in rep.get("notes") or []:
+        lines.append(f"note: {note}")
+    files = rep.get("skipped_files") or []
+    if files:
+        lines.append(f"skipped {len(files)} file(s):")
+        lines.extend(f"  {n}: {why}" for n, why in files)
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- guidance
@@ -776,6 +1049,7 @@ FORMS = ("paper", "fast")
 def patch_model(model, lep: LEPModel, vae, sketch, beta=1.6, start_percent=0.0, end_percent=0.5, grad_every=1,
                 form="paper"):
     fam = check_family(model, lep)
+    glue.check_vae(model, vae, "model", "vae")
     if not start_percent <= end_percent:
         raise L.LEPError("end_percent: must be at least start_percent")
     if form not in FORMS:
