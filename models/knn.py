@@ -414,9 +414,6 @@ class Neighbours:
         return len(self.ids)
 
     @property
-    def unit_embeddings(self) -> np.ndarray:
-        return self.embeddings / np.maximum(np.linalg.norm(self.embeddings, axis=1, keepdims=True), 1e-12)
-
     def files(self) -> list[Path]:
         return [safe_join(self.root, p) for p in self.paths]
 

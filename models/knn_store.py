@@ -432,8 +432,3 @@ class IndexStore:
             shutil.rmtree(p, ignore_errors=True)  # a mapped file may stay on Windows; open() retries
         self.manifest, self.gen, self.journal = manifest, self.gen + 1, []
         self.base_files = self._read_base_files()
-
-
-def resolve_image(root: str | os.PathLike, rel: str) -> Path:
-    """The file of an index entry, refusing entries that would leave the indexed folder."""
-    return safe_join(root, rel)

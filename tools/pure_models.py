@@ -18,16 +18,21 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 PKG = "atelier_models"
 
 
-def models_package():
-    """The package ``atelier_models`` (models/__init__.py), imported once."""
-    pkg = sys.modules.get(PKG)
+def import_package(name: str, folder: Path):
+    """The folder's package (its __init__.py) imported by file path as ``name``, once."""
+    pkg = sys.modules.get(name)
     if pkg is None:
-        spec = importlib.util.spec_from_file_location(PKG, MODELS / "__init__.py",
-                                                      submodule_search_locations=[str(MODELS)])
+        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
         pkg = importlib.util.module_from_spec(spec)
-        sys.modules[PKG] = pkg
+        sys.modules[name] = pkg
         spec.loader.exec_module(pkg)
     return pkg
+
+
+def models_package():
+    """The package ``atelier_models`` (models/__init__.py), imported once."""
+    return import_package(PKG, MODELS)
 
 
 def load_models(*names: str):

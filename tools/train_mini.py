@@ -59,7 +59,6 @@ ZERO_INIT = ("out_layers.3.", "proj_out.", "out.2.")  # residual outputs start a
 def _import_pack() -> str:
     """Import ComfyUI's core (CPU) and this checkout as a package, without registering nodes:
     training needs the model classes only, not a working node set."""
-    import importlib.util
     import comfy_env
     sys.path.insert(0, str(comfy_env.find_comfyui(verbose=False)))
     saved, sys.argv = sys.argv, ["main.py", "--cpu"]
@@ -70,14 +69,8 @@ def _import_pack() -> str:
         import utils.extra_config  # noqa: F401  (before comfy/ lands on sys.path, as main.py does)
     finally:
         sys.argv = saved
-    name = "atelier_train_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return name
+    from pure_models import import_package
+    return import_package("atelier_train_pack", ROOT).__name__
 
 
 def comfy_modules():
