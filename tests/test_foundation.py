@@ -1,12 +1,15 @@
 """The pack in real ComfyUI: registration, tiny families, the stock loader path, the runner."""
 from __future__ import annotations
 
+import asyncio
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,13 +18,61 @@ from atelier_testlib import ROOT, load_tool, txt2img_prompt
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 
 
-def test_pack_registers_from_any_folder_name(comfy):
+# A second boot in a child process, from another link to this checkout: registered ids, the module
+# path and web directory ComfyUI gives the pack, all keyed by that folder's name.
+_SECOND_BOOT = """
+import json, logging, sys
+sys.path.insert(0, sys.argv[1])
+logging.basicConfig(level=logging.ERROR)
+import headless
+h = headless.Headless(comfy_path=sys.argv[2], pack_path=sys.argv[3], output_dir=sys.argv[4] + '/out',
+                      input_dir=sys.argv[4] + '/in', user_dir=sys.argv[4] + '/user', cpu=True)
+ids = h.atelier_node_ids()
+print(json.dumps({'pkg': h.pack_module.__name__, 'ids': ids,
+                  'rel': sorted({h.node_classes[i].RELATIVE_PYTHON_MODULE for i in ids}),
+                  'modules': sorted({h.node_classes[i].__module__ for i in ids}),
+                  'web': h.nodes.EXTENSION_WEB_DIRS.get(h.pack_path.rsplit('/', 1)[-1])}))
+"""
+
+
+def _pack_node_ids(pack) -> set[str]:
+    """Ids of the nodes every feature module of the pack exports (nodes/<feature>.py NODES)."""
+    features = importlib.import_module(pack.__name__ + ".nodes").FEATURES
+    mods = [importlib.import_module(f"{pack.__name__}.nodes.{f}") for f in features]
+    return {n.GET_SCHEMA().node_id for m in mods for n in m.NODES}
+
+
+def test_pack_registers_from_any_folder_name(comfy, comfy_path, pack, tmp_path):
+    link = Path(comfy.pack_path)
+    # The fixture's folder: a random name (not "atelier", not the checkout's), a link to this checkout.
+    assert link.is_symlink() and link.resolve() == ROOT
+    assert link.name not in ("atelier", ROOT.name)
+    # ComfyUI imported the pack as a package named after that path, and every Atelier node it
+    # registered is a class of that package, from this checkout's nodes/.
+    assert pack.__name__ == str(link).replace(".", "_x_")
     ids = comfy.atelier_node_ids()
-    assert "AtelierTinyCheckpointLoader" in ids
-    cls = comfy.node_classes["AtelierTinyCheckpointLoader"]
-    # Loaded by ComfyUI's loader from the arbitrarily named link the fixture made.
-    assert "atelier_pack_" in cls.RELATIVE_PYTHON_MODULE
-    assert Path(comfy.pack_path).name.startswith("atelier_pack_")
+    assert "AtelierTinyCheckpointLoader" in ids and set(ids) == _pack_node_ids(pack)
+    for node_id in ids:
+        cls = comfy.node_classes[node_id]
+        assert cls.RELATIVE_PYTHON_MODULE == f"custom_nodes.{link.name}", node_id
+        assert cls.__module__.startswith(pack.__name__ + ".nodes."), (node_id, cls.__module__)
+        assert Path(sys.modules[cls.__module__].__file__).resolve().parent == ROOT / "nodes", node_id
+    assert Path(comfy.nodes.EXTENSION_WEB_DIRS[link.name]).resolve() == ROOT / "web" / "js"
+
+    # The same checkout under another random name, with a dot and a dash, in a fresh ComfyUI.
+    other = tmp_path / "custom_nodes" / f"My-Pack.v{os.getpid()}_{tmp_path.name[-6:]}"
+    other.parent.mkdir()
+    other.symlink_to(ROOT, target_is_directory=True)
+    proc = subprocess.run([sys.executable, "-c", _SECOND_BOOT, str(ROOT / "tools"), str(comfy_path), str(other),
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                          env=dict(os.environ, PYTHONSAFEPATH="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["ids"] == ids
+    assert got["pkg"] == str(other).replace(".", "_x_")
+    assert got["rel"] == [f"custom_nodes.{other.name}"]
+    assert got["modules"] and all(m.startswith(got["pkg"] + ".nodes.") for m in got["modules"])
+    assert Path(got["web"]).resolve() == ROOT / "web" / "js"
 
 
 def test_every_atelier_node_is_documented(comfy):
@@ -106,12 +157,69 @@ def test_stock_checkpoint_loader_gives_finite_images(run_graph, stock_checkpoint
     assert r["values"]["1"][0].model.model_config.__class__.__name__ == "SD15"
 
 
+def _asked_shape(prompt: dict, node_id: str):
+    """(batch, height, width) of the picture output node ``node_id`` saves, as the workflow asks for it:
+    the EmptyLatentImage its decoded latent starts from, times the ``scale``/``texture_scale`` of the
+    latent nodes in between; None when the picture is not a decoded latent (a diagram, a loaded image)."""
+    link = prompt[node_id]["inputs"].get("images")
+    while isinstance(link, list) and prompt[link[0]]["class_type"] != "VAEDecode":
+        link = prompt[link[0]]["inputs"].get("images")  # image pass-through nodes (metrics)
+    if not isinstance(link, list):
+        return None
+    link, scale = prompt[link[0]]["inputs"]["samples"], 1.0
+    while isinstance(link, list):
+        inputs = prompt[link[0]]["inputs"]
+        if prompt[link[0]]["class_type"] == "EmptyLatentImage":
+            return inputs["batch_size"], round(inputs["height"] * scale), round(inputs["width"] * scale)
+        scale *= float(inputs.get("scale", 1.0)) * float(inputs.get("texture_scale", 1.0))
+        link = next((inputs[k] for k in ("samples", "latent_image", "latent") if isinstance(inputs.get(k), list)), None)
+    return None
+
+
+def _run_pictures(comfy, path):
+    """Run a workflow (tiny) from an empty executor cache: the prompt, the IMAGE tensor each
+    image-saving output node received, and the pixels of every picture file written, per node."""
+    from PIL import Image
+
+    comfy.executor.reset()  # a real second run, not the executor's cached outputs
+    result = comfy.run_workflow(path, tiny=True)
+    prompt = comfy.to_prompt(comfy.load_workflow(path), tiny=True)
+    cache = comfy.executor.caches.outputs
+    tensors, files = {}, {}
+    for node_id, out in result["outputs"].items():
+        src = prompt[node_id]["inputs"].get("images")
+        if isinstance(src, list):
+            tensors[node_id] = cache.get(src[0])[src[1]][0]
+        paths = comfy.output_files({node_id: out})
+        if paths:
+            files[node_id] = [np.asarray(Image.open(f).convert("RGB")) for f in paths]
+    return prompt, tensors, files
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
 def test_example_workflow_runs_from_ui_file(comfy, path):
-    result = comfy.run_workflow(path, tiny=True)
-    assert result["images"], f"{path.name} wrote no images"
-    for img in result["images"]:
-        assert img.is_file() and img.stat().st_size > 0
+    prompt, tensors, files = _run_pictures(comfy, path)
+    assert files, f"{path.name} wrote no images"
+    for node_id, t in tensors.items():
+        assert torch.isfinite(t).all(), (path.name, node_id)
+        asked = _asked_shape(prompt, node_id)
+        if asked is not None:
+            assert tuple(t.shape) == (*asked, 3), (path.name, node_id, tuple(t.shape), asked)
+        for i in range(t.shape[0]):
+            assert t[i].std() > 1e-3, f"{path.name} node {node_id} image {i} is constant"
+    for node_id, pics in files.items():
+        for pic in pics:
+            assert pic.std() > 0, f"{path.name} node {node_id} saved a constant picture"
+        if node_id in tensors:
+            assert [p.shape for p in pics] == [tuple(x.shape) for x in tensors[node_id]], (path.name, node_id)
+    # Seeds fixed in the workflow: a second run from scratch gives the same pixels, bit for bit.
+    _, tensors2, files2 = _run_pictures(comfy, path)
+    assert tensors2.keys() == tensors.keys() and files2.keys() == files.keys()
+    for node_id, t in tensors.items():
+        assert torch.equal(t, tensors2[node_id]), f"{path.name} node {node_id}: two runs differ"
+    for node_id, pics in files.items():
+        assert len(pics) == len(files2[node_id]) and all(
+            np.array_equal(a, b) for a, b in zip(pics, files2[node_id])), f"{path.name} node {node_id}: two runs differ"
 
 
 def test_ui_conversion_maps_widgets_by_live_definitions(comfy):
@@ -205,6 +313,16 @@ def test_partially_invalid_graph_fails_whole(comfy):
     prompt["8"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "x"}}
     prompt["9"] = {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 1]}}  # CLIP as VAE
     prompt["10"] = {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}}
+    # ComfyUI's own validator accepts the prompt: it would run outputs 7 and 8 and silently drop 10.
+    ok, _, outputs, node_errors = asyncio.run(comfy.execution.validate_prompt("check", prompt, None))
+    assert ok and sorted(outputs) == ["7", "8"] and list(node_errors) == ["9"]
+    out_dir = Path(comfy.folder_paths.get_output_directory())
+    before = set(out_dir.glob("x_*.png"))
     with pytest.raises(headless.WorkflowError) as e:
         comfy.run_prompt(prompt)
-    assert "9" in str(e.value) or "VAEDecode" in str(e.value)
+    # The headless runner refuses the whole graph, naming the one bad link, and runs nothing.
+    head, *lines = str(e.value).splitlines()
+    assert head == "Some nodes failed validation" and len(lines) == 1
+    assert lines[0].startswith("  node 9 (VAEDecode) input vae: ")
+    assert "received_type(CLIP) mismatch input_type(VAE)" in lines[0]
+    assert set(out_dir.glob("x_*.png")) == before
