@@ -12,7 +12,15 @@ Glue only; the math is in ../models/space_experts.py. How it hooks into ComfyUI,
   swap it), then turns the phrase maps captured during that call into the masks of the next call.
 * ``APPLY_MODEL`` wrapper (keyed): only for experts that carry their own MODEL (LoRA, other
   checkpoint): one extra pass per such expert, blended by region on the model output.
-* ``OUTER_SAMPLE`` wrapper (keyed): resets the per-run state and starts a route record.
+* ``OUTER_SAMPLE`` wrapper (keyed): resets the per-run state and starts a route record. The same reset is
+  registered with ``glue.register_run_state`` (a router that carries this MODEL as one of its experts calls
+  it), and the runtime also resets itself when a call belongs to a new schedule (``sample_sigmas``).
+* Extra passes at one noise level (PAG, SAG, a split CFG batch) use the masks of that step's first pass and
+  capture nothing; a pass that holds the negative prompt in a cond slot (SAG) is not painted.
+* Core ConditioningSetTimestepRange on an expert's prompt: the expert acts only inside that range; masks,
+  areas, ControlNets, hooks and combined prompts on it are refused, naming the input.
+
+Keys: ``glue.hook_key("space_experts")`` for every wrapper, attachment, additional model and run state.
 
 The single-slot ``attn2_replace`` is never used.
 """
@@ -29,13 +37,13 @@ import comfy.patcher_extension
 import comfy.samplers
 
 from ..models import space_experts as se
-from .glue import check_conditioning, conditioning_problem
-from .glue import check_same_family, check_vae, fail, family_row
+from .glue import SigmaWindow, check_conditioning, check_same_family, check_vae, cond_rows, conditioning_problem
+from .glue import fail, family_row, hook_key, register_run_state
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "atelier/space"
-KEY = "atelier_space_experts"
+KEY = hook_key("space_experts")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 SpaceExperts = io.Custom("ATELIER_SPACE_EXPERTS")
@@ -52,6 +60,7 @@ class Expert:
     cond: torch.Tensor            # (1, T, D) cross-attention context
     pooled: torch.Tensor | None   # (1, D') or None
     model: object | None = None   # ModelPatcher for weight-changing experts
+    window: SigmaWindow | None = None  # core ConditioningSetTimestepRange on its prompt: acts only inside it
 
 
 @dataclass
@@ -176,36 +185,53 @@ def _context_dim(model) -> int | None:
     return None
 
 
+def mask_window(mask_start_t: int) -> SigmaWindow:
+    """The noise-level window in which attention masks are trusted: from timestep ``mask_start_t`` (0–999 of the
+    model's own schedule; 1000 = from the first step) down to the end."""
+    return SigmaWindow(min(1.0, max(0.0, 1.0 - mask_start_t / 999.0)), 1.0, start_input="mask_start_t")
+
+
 def _t_to_sigma(model, t: int) -> float:
-    if t >= 1000:
-        return math.inf
-    ms = model.get_model_object("model_sampling")
-    return float(ms.sigma(torch.tensor(float(t))))
+    """The sigma at which masks start being trusted (the window's noisy end)."""
+    return mask_window(t).sigmas(model.get_model_object("model_sampling"))[0]
 
 
 # ----------------------------------------------------------------------------- runtime
 
 
 class SpaceRuntime:
-    """Per-model state shared by the patches (held in closures and as a model attachment)."""
+    """Per-model state shared by the patches (held in closures and as a model attachment).
 
-    def __init__(self, setup: SpaceSetup, unet):
+    Per run: ``record`` (one entry per step) and the phrase maps. Reset at each run start by the OUTER_SAMPLE
+    wrapper, by whatever carries the model (``glue.reset_run_states``, e.g. a time-expert router) and, on its
+    own, when a call belongs to a new schedule (``transformer_options["sample_sigmas"]``).
+
+    Per step (one noise level): the masks are those of the step's first pass, and only that pass captures
+    maps. Extra passes another node adds at the same noise level (PAG's perturbed pass, SAG's blurred
+    uncond, a split CFG batch) see the same masks; a pass that carries the negative prompt in a "cond" slot
+    (SAG) is left alone, recognised by the conditioning uuids the sampler gives every prompt."""
+
+    def __init__(self, setup: SpaceSetup, unet, model_sampling=None):
         self.setup = setup
         self.default_unet = unet
         self.unet = unet
+        self.model_sampling = model_sampling
         self.modules: dict = {}
         self.stash = None
-        self.active_maps: torch.Tensor | None = None   # (b, P, h, w) from the previous call
+        self.active_maps: torch.Tensor | None = None   # (b, P, h, w): the latest maps captured
         self.agg: se.MapAggregator | None = None
         self.call: dict | None = None
-        self.record: list[dict] = []                   # one entry per UNet call
+        self.record: list[dict] = []                   # one entry per step
         self.block_keys: list = []
         self.in_expert_pass = False
-        self.last_region_masks: torch.Tensor | None = None  # (E, H, W) at latent res, last call
-        self.time_record = None
+        self.run_sigmas = None                         # the schedule of the current run (by identity)
+        self.step_sigma: float | None = None
+        self.step_maps: torch.Tensor | None = None     # the maps this step's masks come from
+        self.step_captured = False
+        self.uncond_uuids: set = set()
 
     def on_model_patcher_clone(self):
-        return self
+        return self  # clones share the runtime (ComfyUI calls this; execution is sequential)
 
     # -- lookups
     def attn2(self, block, block_index):
@@ -226,19 +252,39 @@ class SpaceRuntime:
             self.modules[key] = mod
         return mod
 
-    # -- per run / per call
+    # -- per run / per step / per call
     def start_run(self):
         self.active_maps = None
         self.record = []
-        self.last_region_masks = None
+        self.run_sigmas = None
+        self.step_sigma = None
+        self.step_maps = None
+        self.step_captured = False
+        self.uncond_uuids = set()
+
+    def _check_new_run(self, sigma: float, transformer_options) -> None:
+        ss = transformer_options.get("sample_sigmas")
+        if ss is None:
+            return
+        first = float(ss.flatten()[0]) if isinstance(ss, torch.Tensor) and ss.numel() else None
+        if ss is not self.run_sigmas or (sigma == first and self.step_sigma is not None and self.step_sigma != first):
+            self.start_run()
+            self.run_sigmas = ss
 
     def begin_call(self, unet, x, transformer_options):
         self.unet = unet if unet is not None else self.default_unet
         sig = transformer_options.get("sigmas")
         sigma = float(sig.max()) if isinstance(sig, torch.Tensor) and sig.numel() else math.inf
-        self.agg = se.MapAggregator() if self.setup.user_masks is None else None
-        self.call = {"sigma": sigma, "latent_hw": tuple(x.shape[-2:]), "coverage": {}, "mask_cache": {},
-                     "active": self._masks_active(sigma)}
+        self._check_new_run(sigma, transformer_options)
+        cou, uuids = transformer_options.get("cond_or_uncond") or [], transformer_options.get("uuids") or []
+        self.uncond_uuids.update(u for k, u in zip(cou, uuids) if k == 1)
+        if sigma != self.step_sigma:  # a new step; any later pass at this noise level belongs to it
+            self.step_sigma, self.step_maps, self.step_captured = sigma, self.active_maps, False
+            self.record.append({"sigma": sigma, "active": self._masks_active(sigma), "coverage": {}})
+        capture = self.setup.user_masks is None and not self.step_captured
+        self.agg = se.MapAggregator() if capture else None
+        self.call = {"sigma": sigma, "latent_hw": tuple(x.shape[-2:]), "coverage": self.record[-1]["coverage"],
+                     "mask_cache": {}, "active": self.record[-1]["active"]}
 
     def end_call(self):
         if self.call is None:
@@ -247,14 +293,14 @@ class SpaceRuntime:
             res = self.agg.result()
             if res is not None:
                 self.active_maps = res
-        cov = self.call["coverage"]
-        self.record.append({"sigma": self.call["sigma"], "active": self.call["active"],
-                            "coverage": {k: v.tolist() for k, v in cov.items()}})
-        for k in cov:
-            if k not in self.block_keys:
-                self.block_keys.append(k)
+                self.step_captured = True
         self.call = None
         self.agg = None
+
+    def note_coverage(self, key, values: list[float]) -> None:
+        self.call["coverage"].setdefault(key, values)
+        if key not in self.block_keys:
+            self.block_keys.append(key)
 
     def _masks_active(self, sigma: float) -> bool:
         s = self.setup
@@ -262,8 +308,22 @@ class SpaceRuntime:
             return True
         return sigma <= s.mask_start_sigma
 
-    def phrase_masks(self, hw, b: int, device) -> torch.Tensor | None:
-        """(b, P, h*w) bool masks for this call at resolution hw, or None when not active yet."""
+    def expert_acts(self, e: int, sigma: float) -> bool:
+        """Whether expert ``e`` acts at ``sigma`` (its prompt's timestep range, if any)."""
+        w = self.setup.experts[e].window
+        return w is None or self.model_sampling is None or w.contains(self.model_sampling, sigma)
+
+    def rows(self, transformer_options, batch: int) -> torch.Tensor:
+        """Rows of the positive prompt in this batch: the cond chunks, less any chunk whose prompt this run
+        already saw as the negative (SAG runs the negative prompt alone, in the cond slot)."""
+        cou = list(transformer_options.get("cond_or_uncond") or [0])
+        uuids = transformer_options.get("uuids") or []
+        cou = [1 if j < len(uuids) and uuids[j] in self.uncond_uuids else k for j, k in enumerate(cou)]
+        return torch.tensor(cond_rows(cou, batch), dtype=torch.long)
+
+    def phrase_masks(self, hw, b: int, device, maps: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(b, P, h*w) bool masks for this call at resolution hw (from this step's maps, or ``maps``), or None
+        when not active yet."""
         call = self.call
         if call is None or not call["active"]:
             return None
@@ -272,13 +332,14 @@ class SpaceRuntime:
         if key in cache:
             return cache[key]
         s = self.setup
+        maps = self.step_maps if maps is None else maps
         if s.user_masks is not None:
             m = se.resize_masks(s.user_masks.to(device), hw)  # (P, h, w)
             m = m.reshape(1, m.shape[0], -1).expand(b, -1, -1)
-        elif self.active_maps is None:
+        elif maps is None:
             m = None
         else:
-            maps = self.active_maps.to(device)
+            maps = maps.to(device)
             if maps.shape[0] != b:
                 maps = maps.mean(dim=0, keepdim=True).expand(b, -1, -1, -1)
             maps = se.resize_maps(maps, hw)
@@ -294,21 +355,15 @@ class SpaceRuntime:
         return se.downscale_of(latent_hw, hw) in (2, 4)
 
 
-def _cond_rows(extra_options, batch: int) -> torch.Tensor:
-    cou = extra_options.get("cond_or_uncond") or [0]
-    per = batch // max(1, len(cou))
-    rows = [c * per + i for c, kind in enumerate(cou) if kind == 0 for i in range(per)]
-    return torch.tensor(rows, dtype=torch.long)
-
-
 def apply_space(model, setup: SpaceSetup):
     """A clone of ``model`` with the space-expert patches; the input model is untouched."""
     m = model.clone()
-    rt = SpaceRuntime(setup, m.model.diffusion_model)
+    rt = SpaceRuntime(setup, m.model.diffusion_model, m.get_model_object("model_sampling"))
     attn_idx = setup.attn_experts
     attn_pos = {e: i for i, e in enumerate(attn_idx)}
     attn_ctx = [setup.experts[e].cond for e in attn_idx]
     attn_route = [attn_pos.get(r, -1) for r in setup.route]  # -1: a weight expert's phrase
+    windowed = any(setup.experts[e].window is not None for e in attn_idx)
 
     def attn2_patch(n, context, value, extra_options):
         if not rt.in_expert_pass and rt.call is not None:
@@ -327,7 +382,7 @@ def apply_space(model, setup: SpaceSetup):
             hw = se.block_hw(latent_hw, hidden.shape[1])
         except ValueError:
             return n  # not an image-shaped sequence (e.g. video); leave it alone
-        rows = _cond_rows(extra_options, hidden.shape[0]).to(hidden.device)
+        rows = rt.rows(extra_options, hidden.shape[0]).to(hidden.device)
         if rows.numel() == 0:
             return n
         capture = rt.capture_here(latent_hw, hw)
@@ -339,16 +394,19 @@ def apply_space(model, setup: SpaceSetup):
         attn = rt.attn2(block, block_index)
         sig = extra_options.get("sigmas")
         sigma = sig[rows.to(sig.device)] if isinstance(sig, torch.Tensor) and sig.shape[0] == hidden.shape[0] else sig
+        route = attn_route
+        if windowed:  # experts outside their prompt's timestep range paint nothing at this step
+            route = [r if r >= 0 and rt.expert_acts(attn_idx[r], rt.call["sigma"]) else -1 for r in attn_route]
         out, maps, cov = se.block_update(
             n, hidden, context, attn.to_q, attn.to_k, attn.to_v, attn.to_out, extra_options["n_heads"], rows,
-            setup.groups, capture, pmasks, attn_ctx, attn_route, setup.pww_weight, sigma)
+            setup.groups, capture, pmasks, attn_ctx, route, setup.pww_weight, sigma)
         if maps is not None and rt.agg is not None:
             rt.agg.add(maps.reshape(maps.shape[0], maps.shape[1], *hw))
         if cov is not None:
             full = torch.zeros(len(setup.experts))
             for i, e in enumerate(attn_idx):
                 full[e] = float(cov[i])
-            rt.call["coverage"][(block[0], int(block[1]), int(block_index))] = full
+            rt.note_coverage((block[0], int(block[1]), int(block_index)), full.tolist())
         return out
 
     def diffusion_model_wrapper(executor, *args, **kwargs):
@@ -366,11 +424,15 @@ def apply_space(model, setup: SpaceSetup):
         rt.start_run()
         return executor(*args, **kwargs)
 
+    def reset():  # a closure, not a bound method: ModelPatcher.clone deep-copies model_options
+        rt.start_run()
+
     m.set_model_attn2_patch(attn2_patch)
     m.set_model_attn2_output_patch(attn2_output_patch)
     WMP = comfy.patcher_extension.WrappersMP
     m.add_wrapper_with_key(WMP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)
     m.add_wrapper_with_key(WMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
+    register_run_state(m, KEY, reset)
     if setup.model_experts:
         _add_model_experts(m, rt)
     m.set_attachments(KEY, rt)
@@ -392,18 +454,18 @@ def _add_model_experts(m, rt: SpaceRuntime):
         sigma = float(t.max())
         if not rt._masks_active(sigma):
             return out
-        # masks of the phrases routed to weight experts, at latent resolution, from the latest maps
+        # masks of the phrases routed to weight experts, at latent resolution, from this step's captured maps
         saved_call = rt.call
         rt.call = {"active": True, "mask_cache": {}, "sigma": sigma}
-        rows = _cond_rows(transformer_options, x.shape[0]).to(x.device)
-        pm = rt.phrase_masks(tuple(x.shape[-2:]), rows.numel(), x.device)
+        rows = rt.rows(transformer_options, x.shape[0]).to(x.device)
+        pm = rt.phrase_masks(tuple(x.shape[-2:]), rows.numel(), x.device, maps=rt.active_maps)
         rt.call = saved_call
         if pm is None or rows.numel() == 0:
             return out
         masks, outs = [], []
         for e in idx:
             sel = [p for p, r in enumerate(setup.route) if r == e]
-            if not sel:
+            if not sel or not rt.expert_acts(e, sigma):
                 continue
             mk = pm[:, sel].any(dim=1)  # (b, N)
             if not bool(mk.any()):
@@ -524,14 +586,54 @@ class AtelierSpaceExpert(io.ComfyNode):
     @classmethod
     def execute(cls, conditioning, name="expert", experts=None, model=None) -> io.NodeOutput:
         bank = _collect_experts(experts)
-        if not conditioning:
-            raise ValueError("conditioning: empty; connect a CLIP Text Encode output")
-        if len(conditioning) > 1:
-            log.warning("[Atelier] space expert %r: only the first of %d conditionings is used", name, len(conditioning))
-        cond, extras = conditioning[0][0], conditioning[0][1]
+        cond, extras, window = expert_conditioning(conditioning)
         bank.append(Expert(name=name or f"expert {len(bank) + 1}", cond=cond, pooled=extras.get("pooled_output"),
-                           model=model))
+                           model=model, window=window))
         return io.NodeOutput(bank)
+
+
+#: what core conditioning nodes add to a prompt that a space expert cannot honour, and which node adds it
+_REFUSED_EXTRAS = {
+    "mask": "a mask (core ConditioningSetMask)",
+    "area": "an area (core ConditioningSetArea)",
+    "control": "a ControlNet (core Apply ControlNet)",
+    "gligen": "GLIGEN boxes (core GLIGENTextBoxApply)",
+    "hooks": "conditioning hooks (core Set CLIP Hooks / Cond Set Props)",
+    "concat_latent_image": "an inpainting latent (core InpaintModelConditioning)",
+    "unclip_conditioning": "an unCLIP image (core unCLIPConditioning)",
+}
+
+
+def expert_conditioning(conditioning, input_name: str = "conditioning"):
+    """(cond, extras, window) of an expert's prompt. What core conditioning nodes put on it is honoured where a
+    space expert can honour it — a timestep range (ConditioningSetTimestepRange): the expert acts only inside
+    it — and refused otherwise, naming the input (it was silently dropped before)."""
+    if not conditioning:
+        raise fail(input_name, "empty", "connect a CLIP Text Encode output")
+    if len(conditioning) > 1:
+        raise fail(input_name, f"it holds {len(conditioning)} prompts (core ConditioningCombine?) but an expert "
+                               "paints its region with one prompt",
+                   "chain one Atelier Space Expert per prompt (ConditioningConcat or ConditioningAverage of the "
+                   "prompts is fine)")
+    cond, extras = conditioning[0][0], conditioning[0][1]
+    for key, what in _REFUSED_EXTRAS.items():
+        if extras.get(key) is not None:
+            raise fail(input_name, f"it carries {what}, which a space expert cannot honour: its region comes from "
+                                   "its phrase's attention or from painted regions",
+                       "connect the expert's prompt straight from CLIP Text Encode; for a painted region use Atelier "
+                       "Regions from Masks into the Space Experts' regions input or Atelier Paint-with-Words")
+    if float(extras.get("strength", 1.0)) != 1.0:
+        raise fail(input_name, f"it carries a strength of {extras['strength']} (core ConditioningSetAreaStrength), "
+                               "which a space expert cannot honour", "leave the expert's prompt at strength 1")
+    window = None
+    if "start_percent" in extras or "end_percent" in extras:
+        start, end = float(extras.get("start_percent", 0.0)), float(extras.get("end_percent", 1.0))
+        if end < start:
+            raise fail(input_name, f"its timestep range (core ConditioningSetTimestepRange) ends at {end} before it "
+                                   f"starts at {start}: the expert would never act", "make end at least start")
+        if (start, end) != (0.0, 1.0):
+            window = SigmaWindow(start, end, start_input=input_name, end_input=input_name)
+    return cond, extras, window
 
 
 class AtelierRegionsFromColorMap(io.ComfyNode):
