@@ -251,10 +251,6 @@ def paper_alpha(beta: float, z_t: torch.Tensor, z_prev: torch.Tensor, grad: torc
     return float(beta * (z_t - z_prev).norm() / grad.norm().clamp_min(1e-12))
 
 
-def in_window(percent: float, start: float, end: float) -> bool:
-    return start <= percent <= end
-
-
 # ----------------------------------------------------------------------------- sketches and edges
 
 def _gray(image: torch.Tensor) -> torch.Tensor:

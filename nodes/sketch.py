@@ -20,6 +20,16 @@ Guidance (AtelierSketchGuidance) is two hooks on a clone of the MODEL:
   grad_every = k > 1: a fresh gradient on every k-th guided step, the last direction reused (with
   the current step's size) in between.
 
+The window (start/end_percent, grad_every) is a glue.SigmaWindow measured on each run's own noise range
+(run_window): a full run uses it as given; a run that starts lower (img2img, denoise < 1; a second-pass
+sampler) maps 0 to its first step's noise level, so the default 0-50 % is the first half of *its* denoising.
+A run in which no step falls in the window logs a warning and shows it on the sampling node.
+Building the predictor copies never touches the global RNG (ToMe and ancestral samplers draw from it), and a
+second model call at a step's sigma (PAG's perturbed pass) runs plainly, so beta 0 is bit-identical next to
+any other patch. Hooks use glue.hook_key("sketch_guidance"); the per-run state is also registered with
+glue.register_run_state, so a model that carries this one (time experts) resets it. The training loop is
+models/lep_train.py; this file passes it the UNet feature forward, progress and Cancel.
+
 form "fast" (the cheaper form) drops the UNet backward altogether: the LEP file also carries a small
 denoised-latent head H (trained next to the LEP on the same batches), and the post-CFG function takes
 g = grad_{x0_hat} ||H(x0_hat, t) - E(sketch)||^2 on the cond branch's denoised prediction — the
@@ -32,7 +42,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 from pathlib import Path
 
@@ -46,6 +55,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..models import lep as L
+from ..models import lep_train as T
 from ..models.knn_common import atomic_write_bytes
 from . import glue
 from .glue import family_of
@@ -55,22 +65,15 @@ log = logging.getLogger(__name__)
 CATEGORY = "atelier/sketch"
 FOLDER_LEP = "atelier_lep"
 FOLDER_RESUME = "atelier_lep_resume"
-WRAPPER_KEY = "atelier_sketch_guidance"
+HOOK_KEY = glue.hook_key("sketch_guidance")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 LEP = io.Custom("ATELIER_LEP")
 
 
-def _register_folders() -> None:
-    for name, sub in ((FOLDER_LEP, ("atelier", "lep")), (FOLDER_RESUME, ("atelier", "lep_resume"))):
-        paths, _ = folder_paths.folder_names_and_paths.get(name, ([], set()))
-        default = os.path.join(folder_paths.models_dir, *sub)
-        paths = [default] + [p for p in paths if p != default]
-        folder_paths.folder_names_and_paths[name] = (paths, {".safetensors"})
-
-
-_register_folders()
+for _name, _sub in ((FOLDER_LEP, ("atelier", "lep")), (FOLDER_RESUME, ("atelier", "lep_resume"))):
+    glue.register_model_folder(_name, _sub, {".safetensors"})
 
 
 class LEPModel:
@@ -87,8 +90,8 @@ class LEPModel:
     def _ordinary_copy(module: torch.nn.Module, make, device):
         """``make()``'s module with ``module``'s weights as ordinary (not inference) tensors, so autograd can
         run through it."""
-        with torch.inference_mode(False):
-            m = make()
+        with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
+            m = make()        # its random init is overwritten; fork_rng keeps the global RNG (ToMe, samplers) as it was
             m.load_state_dict({k: v.clone() for k, v in module.state_dict().items()})
             return m.to(device).eval()
 
@@ -590,7 +593,6 @@ def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch
     for note in notes:
         log.warning("[Atelier] LEP %s: %s", name, note)
     check_training_memory(ident["channels"], batch_size, resolution, len(items), dev)
-    gen = torch.Generator().manual_seed(seed)
 
     # Precompute latents of images and edge maps (in chunks) and text conds (once per caption). Unreadable
     # images are skipped and listed; Cancel is checked per chunk and inside the VAE.
@@ -628,7 +630,7 @@ def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch
     x0_all, e_all = torch.cat(img_lat), torch.cat(edge_lat)
     hw = tuple(x0_all.shape[-2:])
 
-    def features(idx: list[int], t: torch.Tensor):
+    def features(idx: list[int], t: torch.Tensor, gen: torch.Generator):
         x0 = x0_all[idx].to(dev)
         sigma = base.model_sampling.sigma(t.to(dev).float())
         noise = torch.randn(x0.shape, generator=gen).to(dev)
@@ -654,60 +656,21 @@ def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch
                 return feats[0].clone(), dens[0].float().clone()
             return torch.cat(feats), torch.cat(dens).float()
 
-    with torch.inference_mode(False):
-        probe, probe_x0 = features([0], torch.tensor([500]))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            lep = L.LatentEdgePredictor(probe.shape[1]).to(dev)
-            head = L.DenoisedEdgeHead(probe_x0.shape[1]).to(dev)
-        opt = torch.optim.Adam(lep.parameters(), lr=learning_rate)
-        opt_head = torch.optim.Adam(head.parameters(), lr=learning_rate)
-    start, losses, head_losses = 0, [], []
+    run = T.LEPTraining(features, e_all, learning_rate=learning_rate, seed=seed, device=dev)
     if use_resume:
-        start, losses, head_losses = _load_resume(resume_path, lep, opt, head, opt_head)
-        log.info("[Atelier] LEP %s: resuming at step %d", name, start)
-    meta = {"atelier": "lep", "family": fam, "layers": json.dumps(L.layer_names(fam)), "channels": probe.shape[1],
+        _load_resume(resume_path, run)
+        log.info("[Atelier] LEP %s: resuming at step %d", name, run.step)
+    start = run.step
+    meta = {"atelier": "lep", "family": fam, "layers": json.dumps(L.layer_names(fam)), "channels": run.channels,
             "pe_dim": L.PE_DIM, "hidden": json.dumps(list(L.HIDDEN)), "resolution": resolution,
             "edge_method": edge_method, "images": len(items), "batch_size": batch_size, "learning_rate": learning_rate,
             "head": json.dumps({"hidden": L.HEAD_HIDDEN, "depth": L.HEAD_DEPTH, "input": "denoised latent"}),
             "folder": ident["folder"], "seed": seed}
-    resume_meta = {k: meta[k] for k in ("family", "layers", "channels", "folder", "resolution")}
-    rng = random.Random(seed * 7919 + start)
-    n = len(items)
-    if progress is not None:
-        progress(start, steps)       # the bar shows where training starts (0, or the resumed step) at once
-    with glue.interruptible(lep.net, depth=1), glue.interruptible(head.net, depth=1):
-        for step in range(start, steps):
-            glue.check_interrupt()
-            idx = [rng.randrange(n) for _ in range(batch_size)]
-            t = torch.tensor([rng.randrange(1000) for _ in idx])
-            feats, x0_hat = features(idx, t)
-            with torch.inference_mode(False), torch.enable_grad():
-                lep.train()
-                target = e_all[idx].to(dev)
-                pred = lep(feats, t.to(dev))
-                loss = L.lep_loss(pred, target).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                del feats, pred
-                glue.check_interrupt()
-                head_loss = L.lep_loss(head(x0_hat, t.to(dev)), target).mean()
-                opt_head.zero_grad(set_to_none=True)
-                head_loss.backward()
-                opt_head.step()
-            losses.append(float(loss))
-            head_losses.append(float(head_loss))
-            if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-                _save_resume(resume_path, lep, opt, step + 1, losses, head, opt_head, head_losses, resume_meta)
-            if progress is not None:
-                progress(step + 1, steps)
-    lep.eval()
-    head.eval()
-
-    def tail_mean(v):
-        return float(np.mean(v[-max(1, min(20, len(v))):])) if v else float("nan")
-    final, final_head = tail_mean(losses), tail_mean(head_losses)
+    resume_meta = {k: meta[k] for k in IDENTITY}
+    run.run(steps, batch_size, save_every=save_every, save=lambda r: r.save_checkpoint(resume_path, resume_meta),
+            progress=progress, check_interrupt=glue.check_interrupt, interruptible=glue.interruptible)
+    lep, head, losses, head_losses = run.lep, run.head, run.losses, run.head_losses
+    final, final_head = run.final_loss, run.final_head_loss
     meta.update(steps=steps, final_loss=final, final_head_loss=final_head)
     save_lep(lep, final_path, meta, head)
     if os.path.lexists(resume_path):
@@ -727,63 +690,19 @@ def native_resolution(model) -> int:
     return glue.native_px(model) or (1024 if family_of(model) == "sdxl" else 512)
 
 
-def _adam_tensors(module, opt, prefix: str) -> dict:
-    names = {id(p): n for n, p in module.named_parameters()}
-    t = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p, {})
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in st:
-                    t[f"{prefix}{names[id(p)]}.{k}"] = st[k].detach().cpu().contiguous()
-            if "step" in st:
-                t[f"{prefix}{names[id(p)]}.step"] = torch.as_tensor(st["step"]).float().reshape(1).cpu()
-    return t
-
-
-def _load_adam(module, opt, t: dict, prefix: str) -> None:
-    dev = next(module.parameters()).device
-    for n, p in module.named_parameters():
-        if f"{prefix}{n}.exp_avg" in t:
-            opt.state[p] = {"exp_avg": t[f"{prefix}{n}.exp_avg"].to(dev).clone(),
-                            "exp_avg_sq": t[f"{prefix}{n}.exp_avg_sq"].to(dev).clone(),
-                            "step": t[f"{prefix}{n}.step"].reshape(()).clone()}
-
-
-def _save_resume(path, lep, opt, step, losses, head, opt_head, head_losses, identity: dict):
-    """A resumable checkpoint (atomically written) that records the training's identity."""
-    from safetensors.torch import save
-    t = {f"lep.{k}": v for k, v in L.state_to_tensors(lep).items()}
-    t.update({f"head.{k}": v for k, v in L.state_to_tensors(head).items()})
-    t.update(_adam_tensors(lep, opt, "adam."))
-    t.update(_adam_tensors(head, opt_head, "adam_head."))
-    t["losses"] = torch.tensor(losses, dtype=torch.float32)
-    t["head_losses"] = torch.tensor(head_losses, dtype=torch.float32)
-    meta = {"atelier": "lep_resume", "step": str(step), **{k: str(v) for k, v in identity.items()}}
-    atomic_write_bytes(Path(path), save(t, metadata=meta))
-
-
-def _load_resume(path, lep, opt, head, opt_head):
-    """Continue from a checkpoint whose identity ``check_resume`` accepted; a corrupt one names the file."""
+def _load_resume(path, run: T.LEPTraining) -> None:
+    """Continue ``run`` from a checkpoint whose identity ``check_resume`` accepted; a corrupt one names the file."""
     fix = "pick a new name, or turn 'overwrite' on to discard the checkpoint"
     t, meta = glue.load_safetensors(path, "name", "LEP resume checkpoint", fix)
     try:
-        with torch.inference_mode(False):
-            lep.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("lep.")})
-            _load_adam(lep, opt, t, "adam.")
-            head_sd = {k[5:]: v for k, v in t.items() if k.startswith("head.")}
-            if head_sd:
-                head.load_state_dict(head_sd)
-                _load_adam(head, opt_head, t, "adam_head.")
-            else:
-                log.warning("[Atelier] LEP resume checkpoint %s has no denoised-latent head; the head starts afresh",
-                            os.path.basename(path))
-        head_losses = t["head_losses"].tolist() if "head_losses" in t else []
-        return int(meta["step"]), t["losses"].tolist(), head_losses
+        had_head = run.restore(t, meta)
     except (RuntimeError, KeyError, ValueError) as e:
         raise glue.fail("name", f"{os.path.basename(path)} ({path}) is not a usable LEP resume checkpoint "
                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", fix,
                         cls=L.LEPError) from e
+    if not had_head:
+        log.warning("[Atelier] LEP resume checkpoint %s has no denoised-latent head; the head starts afresh",
+                    os.path.basename(path))
 
 
 class AtelierTrainLEP(io.ComfyNode):
@@ -896,15 +815,19 @@ def _clone_tree(v):
 
 
 class GuidanceState:
-    """Per patched MODEL: sketch target, settings and the per-run caches (weights, gradient)."""
+    """Per patched MODEL: sketch target, settings and the per-run caches (weights, gradient, window)."""
 
-    def __init__(self, lep: LEPModel, target: torch.Tensor, beta: float, start: float, end: float, every: int,
-                 family: str, form: str = "paper"):
+    def __init__(self, lep: LEPModel, target: torch.Tensor, beta: float, window: glue.SigmaWindow, family: str,
+                 form: str = "paper"):
         self.lep, self.target, self.beta, self.form = lep, target, float(beta), form
-        self.start, self.end, self.every, self.family = float(start), float(end), max(1, int(every)), family
-        self.reuse = "direction"
-        self.stats = {"fresh": 0, "reused": 0, "losses": []}
+        self.window, self.family = window, family
+        self.stats = {"fresh": 0, "reused": 0, "losses": [], "runs": []}
+        self.counter = glue.StepCounter()
         self.reset()
+
+    @property
+    def every(self) -> int:
+        return self.window.every
 
     def reset(self):
         self.params = None
@@ -912,18 +835,27 @@ class GuidanceState:
         self.head_run = None
         self.grad = None
         self.grad_sigma = None
-        self.sigmas_seen: list[float] = []
-        self.window = None
+        self.run_window: glue.SigmaWindow | None = None
+        self.counter.reset()
 
-    def sigma_window(self, base):
-        if self.window is None:
-            ms = base.model_sampling
-            self.window = (float(ms.percent_to_sigma(self.start)), float(ms.percent_to_sigma(self.end)))
-        return self.window
+    def start_run(self, model_sampling, sigmas) -> None:
+        """At the start of a sampler run: the window measured on this run's own noise range (see run_window),
+        and a warning when no step of the run lies in it."""
+        self.run_window = run_window(self.window, model_sampling, sigmas)
+        steps = sorted(self.run_window.chosen_steps(model_sampling, sigmas)) if self.beta != 0 else []
+        run = {"steps": max(0, len(sigmas) - 1), "guided_steps": steps,
+               "window": (self.run_window.start, self.run_window.end)}
+        self.stats["runs"].append(run)
+        if self.beta != 0 and not self.run_window.steps(model_sampling, sigmas):
+            msg = (f"Sketch guidance did nothing in this run: none of its {run['steps']} steps lies in the window "
+                   f"start_percent {self.window.start:g} - end_percent {self.window.end:g} (measured on this run's "
+                   "noise range); widen the window")
+            self.stats.setdefault("warnings", []).append(msg)
+            log.warning("[Atelier] %s", msg)
+            _show_on_sampler(msg)
 
-    def in_window(self, base, sigma: float) -> bool:
-        hi, lo = self.sigma_window(base)
-        return lo <= sigma <= hi
+    def in_window(self, model_sampling, sigma: float) -> bool:
+        return (self.run_window or self.window).contains(model_sampling, sigma)
 
     def weights(self, unet):
         """Non-inference copies of the UNet's inference-tensor weights, made once per run."""
@@ -933,6 +865,67 @@ class GuidanceState:
                                list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_inference()}
             self.stats["weight_copies"] = len(self.params)
         return self.params
+
+
+def run_window(window: glue.SigmaWindow, model_sampling, sigmas) -> glue.SigmaWindow:
+    """The window of one sampler run. start/end_percent are fractions of the run's own denoising: a run that
+    starts below the top of the model's schedule (img2img, denoise < 1; a second-pass sampler) maps 0 to
+    its first step's noise level and 1 to the end, so 0-50 % is the first half of *its* noise range. A full
+    run (first sigma = the schedule's top) keeps the window as given."""
+    s = [float(v) for v in sigmas]
+    if len(s) < 2:
+        return window
+    first = s[0]
+    if first >= float(model_sampling.sigma_max) * (1 - 1e-4):   # a full run: the window as given
+        return window
+    p0 = _percent_of(model_sampling, first)
+    if p0 <= 0.0:
+        return window
+
+    def remap(p):
+        return min(1.0, p0 + p * (1.0 - p0))
+    w = glue.SigmaWindow(remap(window.start), remap(window.end), window.every)
+    if window.start == 0.0:
+        # the first step itself belongs to the window (its sigma, not a percent rounded through timesteps)
+        w = _WindowFrom(w, first)
+    return w
+
+
+class _WindowFrom(glue.SigmaWindow):
+    """A SigmaWindow whose top is an exact sigma (the run's first step)."""
+
+    def __init__(self, w: glue.SigmaWindow, top_sigma: float):
+        super().__init__(w.start, w.end, w.every)
+        self.top_sigma = float(top_sigma)
+
+    def sigmas(self, model_sampling):
+        return self.top_sigma, float(model_sampling.percent_to_sigma(self.end))
+
+
+def _percent_of(model_sampling, sigma: float) -> float:
+    """The schedule percent (0 = top, 1 = clean) of a noise level: the inverse of percent_to_sigma, by bisection
+    on it (works for any model_sampling that has percent_to_sigma)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if float(model_sampling.percent_to_sigma(mid)) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def _show_on_sampler(text: str) -> None:
+    """Show ``text`` on the node that is sampling (the KSampler) in the frontend, when a server runs."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+        ctx = get_executing_context()
+        inst = getattr(PromptServer, "instance", None)
+        if ctx is not None and inst is not None:
+            inst.send_progress_text(text, ctx.node_id)
+    except Exception:  # noqa: BLE001  display only: never break sampling
+        pass
 
 
 def _target_for(state: GuidanceState, x: torch.Tensor) -> torch.Tensor:
@@ -947,15 +940,16 @@ def make_apply_model_wrapper(state: GuidanceState):
         base = executor.class_obj
         sigma = float(t.reshape(-1)[0])
         cou = transformer_options.get("cond_or_uncond", [0])
-        if state.form != "paper" or not state.in_window(base, sigma) or 0 not in cou:
+        if (state.form != "paper" or not state.in_window(base.model_sampling, sigma) or 0 not in cou
+                or state.grad_sigma == sigma):
+            # outside the window, no cond rows, or a second call at this step's sigma (PAG's or SAG's extra
+            # pass): the step's gradient is the main call's
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        if sigma not in state.sigmas_seen:
-            state.sigmas_seen.append(sigma)
-        if state.sigmas_seen.index(sigma) % state.every != 0:
+        if state.counter.index(sigma) % state.every != 0:
             state.stats["reused"] += 1
+            state.grad_sigma = sigma
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        n = x.shape[0] // len(cou)
-        rows = [j * n + r for j, c in enumerate(cou) if c == 0 for r in range(n)]
+        rows = glue.cond_rows(cou, x.shape[0])
         unet = base.diffusion_model
         with torch.inference_mode(False), torch.enable_grad():
             params = state.weights(unet)
@@ -1000,31 +994,29 @@ def make_post_cfg(state: GuidanceState):
         denoised = args["denoised"]
         sigma = float(args["sigma"].reshape(-1)[0])
         model = args["model"]
-        if state.form == "fast" and state.beta != 0 and state.in_window(model, sigma):
+        if state.beta == 0 or not state.in_window(model.model_sampling, sigma):
+            return denoised
+        if state.form == "fast":
             cd = args.get("cond_denoised")
             if cd is None or cd.shape != denoised.shape:
                 return denoised
             g = fast_gradient(state, model, cd, args["sigma"])
             return L.guidance_shift(args["input"], denoised, g.to(denoised.dtype), state.beta)
-        if state.grad is None or not state.in_window(model, sigma) or state.beta == 0:
+        if state.grad is None:
             return denoised
         g = state.grad.to(denoised.device)
         if g.shape[0] != denoised.shape[0]:
             return denoised
-        beta = state.beta
-        if state.every > 1 and state.reuse == "skip":
-            if state.grad_sigma != sigma:
-                return denoised
-            beta = beta * state.every
-        return L.guidance_shift(args["input"], denoised, g, beta)
+        return L.guidance_shift(args["input"], denoised, g, state.beta)
     return post_cfg
 
 
 def make_outer_sample_wrapper(state: GuidanceState):
-    def wrapper(executor, *args, **kwargs):
+    def wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         state.reset()
+        state.start_run(executor.class_obj.model_patcher.model.model_sampling, sigmas)
         try:
-            return executor(*args, **kwargs)
+            return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
             state.reset()  # frees the weight copies
     return wrapper
@@ -1050,8 +1042,7 @@ def patch_model(model, lep: LEPModel, vae, sketch, beta=1.6, start_percent=0.0, 
                 form="paper"):
     fam = check_family(model, lep)
     glue.check_vae(model, vae, "model", "vae")
-    if not start_percent <= end_percent:
-        raise L.LEPError("end_percent: must be at least start_percent")
+    window = glue.SigmaWindow(start_percent, end_percent, grad_every, "start_percent", "end_percent", "grad_every")
     if form not in FORMS:
         raise L.LEPError(f"form: {form!r}; choose one of {list(FORMS)}")
     if form == "fast":
@@ -1059,11 +1050,12 @@ def patch_model(model, lep: LEPModel, vae, sketch, beta=1.6, start_percent=0.0, 
     target = sketch_target(vae, model, sketch)
     with torch.inference_mode(False):
         target = target.clone()
-    state = GuidanceState(lep, target, beta, start_percent, end_percent, grad_every, fam, form)
+    state = GuidanceState(lep, target, beta, window, fam, form)
     m = model.clone()
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, make_apply_model_wrapper(state))
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, make_outer_sample_wrapper(state))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, HOOK_KEY, make_apply_model_wrapper(state))
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, HOOK_KEY, make_outer_sample_wrapper(state))
     m.set_model_sampler_post_cfg_function(make_post_cfg(state))
+    glue.register_run_state(m, HOOK_KEY, lambda: state.reset())   # a carrier (e.g. time experts) resets it too
     return m, state
 
 

@@ -231,21 +231,28 @@ def test_beta_zero_is_bit_identical_and_runs_the_gradient(trained, sk):
 
 
 def test_guidance_lowers_the_lep_loss_both_forms(trained, sk):
+    """Both forms guide and lower the loss each one descends: the paper form the LEP's loss on z_t (grad_every
+    1; grad_every 2 reuses the direction in between), the fast form the denoised-latent head's."""
     sketch = _sketch_image()
-    losses = {}
+    losses, head_losses = {}, {}
     with torch.inference_mode():
         plain = _sample(trained["model"], trained["clip"], steps=8)
         losses["unguided"] = _final_lep_loss(sk, trained, plain, sketch)
-        for every in (1, 2):
+        head_losses["unguided"] = _final_head_loss(sk, trained, plain, sketch)
+        for form, every in (("paper", 1), ("paper", 2), ("fast", 1)):
             m, state = sk.patch_model(trained["model"], trained["lep"], trained["vae"], sketch, beta=1.6,
-                                      start_percent=0.0, end_percent=0.5, grad_every=every)
+                                      start_percent=0.0, end_percent=0.5, grad_every=every, form=form)
             out = _sample(m, trained["clip"], steps=8)
-            losses[every] = _final_lep_loss(sk, trained, out, sketch)
-            assert state.stats["fresh"] == (4 if every == 1 else 2), state.stats
+            losses[form, every] = _final_lep_loss(sk, trained, out, sketch)
+            head_losses[form, every] = _final_head_loss(sk, trained, out, sketch)
+            assert state.stats["fresh"] == (2 if every == 2 else 4), (form, every, state.stats)
+            assert state.stats["reused"] == (2 if every == 2 else 0), (form, every, state.stats)
+            assert ("weight_copies" in state.stats) is (form == "paper")
             assert not torch.equal(out, plain)
-    # The paper's form must lower it. The cheaper form (reused direction) is reported by the bench, not
-    # asserted: on this random tiny model it is not reliably better than unguided.
-    assert losses[1] < 0.8 * losses["unguided"], losses
+    assert losses["paper", 1] < 0.8 * losses["unguided"], losses
+    # grad_every 2 (a stale direction in between) is reported by the bench, not asserted: on this random tiny
+    # model it is not reliably better than unguided.
+    assert head_losses["fast", 1] < 0.8 * head_losses["unguided"], head_losses
 
 
 def test_stop_grad_after_last_layer_keeps_the_gradient_and_drops_the_tail(tiny):
@@ -329,14 +336,45 @@ def test_fast_form_needs_a_head(trained, sk):
 
 
 def test_guidance_survives_lora_patched_weights(trained, sk):
-    model = trained["model"].clone()
+    """LoRA-patched weights are inference tensors too: the paper form's weight copies must carry the LoRA. The
+    LoRA acts (with and without guidance), beta 0 is the LoRA'd model exactly, and guidance acts on it."""
+    base = trained["model"]
+    model = base.clone()
     keys = [k for k in model.model_state_dict() if k.startswith("diffusion_model.") and k.endswith(".weight")][:12]
     sd = model.model_state_dict()
+    g = torch.Generator().manual_seed(4)
     with torch.inference_mode():
-        model.add_patches({k: (torch.randn_like(sd[k]) * 0.01,) for k in keys}, 1.0)   # "diff" patches, as LoRA
+        model.add_patches({k: (torch.randn(sd[k].shape, generator=g) * 0.01,) for k in keys}, 1.0)  # "diff", as LoRA
+        plain, lora_plain = _sample(base, trained["clip"]), _sample(model, trained["clip"])
+        m0, state0 = sk.patch_model(model, trained["lep"], trained["vae"], _sketch_image(), beta=0.0,
+                                    end_percent=1.0)
+        lora_noop = _sample(m0, trained["clip"])
         m, state = sk.patch_model(model, trained["lep"], trained["vae"], _sketch_image(), beta=1.6, grad_every=1)
-        out = _sample(m, trained["clip"])
-    assert state.stats["fresh"] == 3 and torch.isfinite(out).all()
+        lora_guided = _sample(m, trained["clip"])
+        mb, _ = sk.patch_model(base, trained["lep"], trained["vae"], _sketch_image(), beta=1.6, grad_every=1)
+        guided = _sample(mb, trained["clip"])
+    assert not torch.equal(lora_plain, plain)                  # the LoRA acts...
+    assert state0.stats["fresh"] == 6 and state0.stats["weight_copies"] > 100
+    assert torch.equal(lora_noop, lora_plain)                  # ...through the swapped-in weight copies too
+    assert state.stats["fresh"] == 3 and torch.isfinite(lora_guided).all()
+    assert not torch.equal(lora_guided, lora_plain)            # guidance acts on the LoRA'd model
+    assert not torch.equal(lora_guided, guided)                # and the LoRA still acts under guidance
+    assert float((lora_guided - guided).abs().max()) > 1e-4
+
+
+def test_a_carrier_resets_the_run_state_and_hooks_use_the_glue_key(trained, sk):
+    """The per-run state is registered with glue.register_run_state: whatever carries the model (its own
+    sampler run, a time expert) resets it at a run's start, also on a clone (model_options are deep-copied)."""
+    import comfy.patcher_extension as pe
+    with torch.inference_mode():
+        m, state = sk.patch_model(trained["model"], trained["lep"], trained["vae"], _sketch_image(), beta=1.6)
+    assert sk.HOOK_KEY == "atelier.sketch_guidance"
+    for kind in (pe.WrappersMP.APPLY_MODEL, pe.WrappersMP.OUTER_SAMPLE):
+        assert list(m.wrappers[kind]) == [sk.HOOK_KEY]
+    state.grad, state.grad_sigma, state.params = torch.ones(1), 3.0, {}
+    state.counter.index(3.0)
+    sk.glue.reset_run_states(m.clone().model_options)
+    assert state.grad is None and state.grad_sigma is None and state.params is None and state.counter.seen == []
 
 
 def test_errors_are_clear(trained, sk, tiny, lep_dirs):
