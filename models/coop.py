@@ -136,17 +136,11 @@ def equivalent_sigma(ms_from, sigma, ms_to, lo: float = 1e-6, hi: float = 1e6) -
     return math.exp(0.5 * (lo_l + hi_l))
 
 
-# ------------------------------------------------------------ closed forms (for documentation/tests)
+# ------------------------------------------------------------ closed forms (checked by the tests)
 
 def vp_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """ComfyUI's k-diffusion sigma of a discrete VP schedule: √((1−ᾱ)/ᾱ)."""
     return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
-
-
-def vp_x0_from_eps(z_vp: torch.Tensor, eps: torch.Tensor, alpha_bar) -> torch.Tensor:
-    """DDPM form: x0 = (z − √(1−ᾱ)·ε)/√ᾱ for z = √ᾱ·x0 + √(1−ᾱ)·ε."""
-    ab = torch.as_tensor(alpha_bar, dtype=z_vp.dtype)
-    return (z_vp - (1 - ab).sqrt() * eps) / ab.sqrt()
 
 
 def vp_x0_from_v(z_vp: torch.Tensor, v: torch.Tensor, alpha_bar) -> torch.Tensor:
@@ -173,15 +167,6 @@ def fuse_eps(eps_a: torch.Tensor, eps_b_in_a: torch.Tensor, d: float) -> torch.T
     if d == 0.0:
         return eps_b_in_a
     return d * eps_a + (1.0 - d) * eps_b_in_a
-
-
-def fuse_x0(ms, sigma, z_t: torch.Tensor, x0_a: torch.Tensor, x0_b_in_a: torch.Tensor, d: float) -> torch.Tensor:
-    """Fusion in ε space, returned as the fused clean estimate (what a ComfyUI guider returns)."""
-    d = check_fusion_weight(d)
-    if d == 1.0:
-        return x0_a
-    eps = fuse_eps(eps_from_x0(ms, sigma, z_t, x0_a), eps_from_x0(ms, sigma, z_t, x0_b_in_a), d)
-    return x0_from_eps(ms, sigma, z_t, eps)
 
 
 # ------------------------------------------------------------------------------ resizing
@@ -245,14 +230,18 @@ def gaussian_like(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 def resolution_bridge(x0_low: torch.Tensor, decode_low: Codec, encode_high: Codec, scale: float,
                       ms_high, sigma_high, seed: int, resize_method: str = "bicubic",
-                      latent_downscale: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      latent_downscale: int = 8, name: str = "scale") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """IID-preserving upsampling of a partly denoised latent (paper §4.2, fig. 2c).
 
-    x̂0 (low-res, internal) → decode → resize ×scale in pixel space → encode → z0_high, then
+    x̂0 (low-res) → decode → resize ×scale in pixel space → encode → z0_high, then
     z_t = a·z0_high + s·n with *fresh* Gaussian n at ``sigma_high`` in the high-res model's form.
-    Returns (z_t_high, z0_high, n). Bilinear upsampling of z_t instead would correlate the noise.
+    ``latent_downscale`` is the low-res VAE's pixels per latent pixel; ``decode_low``/``encode_high``
+    define which latent form goes in and comes out (the nodes pass ComfyUI's VAEs and the high model's
+    ``process_latent_in``, so ``z0_high`` is its internal latent). Returns (z_t_high, z0_high, n).
+    Bilinear upsampling of z_t instead would correlate the noise. ``name`` is the input a bad
+    ``scale`` is reported on.
     """
-    th, tw = target_size(x0_low.shape[-2], x0_low.shape[-1], scale)
+    th, tw = target_size(x0_low.shape[-2], x0_low.shape[-1], scale, name=name)
     pixels = decode_low(x0_low)
     pixels = resize_pixels(pixels, (th * latent_downscale, tw * latent_downscale), resize_method)
     z0 = encode_high(pixels)

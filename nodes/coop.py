@@ -35,10 +35,10 @@ import torch
 from comfy_api.latest import io
 
 from ..models import coop
-from .glue import check_conditioning, check_vae, fail, vae_downscale
+from .glue import SigmaWindow, check_conditioning, check_vae, hook_key, vae_downscale
 
 LOG = logging.getLogger("atelier.coop")
-ADDITIONAL_KEY = "atelier_coop"
+ADDITIONAL_KEY = hook_key("coop")
 
 # ------------------------------------------------------------------------- validation
 # VAE/model pairing is checked by the glue (``check_vae``: channels, downscale and, for TAESD-type
@@ -50,13 +50,6 @@ def check_two(model_a, model_b) -> None:
         raise ValueError("model_b: shares its weights with model_a (both come from one checkpoint). Coop fuses two "
                          "different checkpoints; for one checkpoint with two prompts use core DualCFGGuider or "
                          "ConditioningCombine")
-
-
-def _check_percent(start: float, end: float) -> None:
-    if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0):
-        raise ValueError(f"start_percent/end_percent: {start}/{end} must lie in [0, 1]")
-    if end < start:
-        raise ValueError(f"end_percent: {end} is before start_percent {start}; the bridge window would be empty")
 
 
 # ------------------------------------------------------------------- codec adapters
@@ -100,9 +93,8 @@ class CoopGuider(comfy.samplers.CFGGuider):
     def __init__(self, model_a, vae_a, model_b, vae_b, fusion_d=0.5, bridge_every=1,
                  start_percent=0.0, end_percent=1.0, b_scale=1.0, resize_method="bicubic"):
         self.fusion_d = coop.check_fusion_weight(fusion_d)
-        if int(bridge_every) < 1:
-            raise ValueError(f"bridge_every: {bridge_every} must be 1 or more (1 = bridge on every step)")
-        _check_percent(start_percent, end_percent)
+        self.window_spec = SigmaWindow(start_percent, end_percent, bridge_every, "start_percent", "end_percent",
+                                       "bridge_every")
         check_vae(model_a, vae_a, "model_a", "vae_a")
         check_vae(model_b, vae_b, "model_b", "vae_b")
         check_two(model_a, model_b)
@@ -111,15 +103,13 @@ class CoopGuider(comfy.samplers.CFGGuider):
         b_scale = float(b_scale)
         if not (math.isfinite(b_scale) and b_scale > 0):
             raise ValueError(f"b_scale: {b_scale} must be a positive number")
-        self.active = self.fusion_d < 1.0 and start_percent < end_percent
+        self.active = self.fusion_d < 1.0 and self.window_spec.start < self.window_spec.end
         patcher = model_a
         if self.active:
             patcher = model_a.clone()
             patcher.set_additional_models(ADDITIONAL_KEY, [model_b, vae_a.patcher, vae_b.patcher])
         super().__init__(patcher)
         self.model_b, self.vae_a, self.vae_b = model_b, vae_a, vae_b
-        self.bridge_every = int(bridge_every)
-        self.start_percent, self.end_percent = float(start_percent), float(end_percent)
         self.b_scale, self.resize_method = b_scale, resize_method
         self.cfg_b = 1.0
         self.b_original_conds = {}
@@ -196,10 +186,8 @@ class CoopGuider(comfy.samplers.CFGGuider):
         self.b_model_options["transformer_options"]["sample_sigmas"] = torch.tensor(
             [coop.equivalent_sigma(self.ms_a, v, self.ms_b) if v > 0 else 0.0 for v in s], device=device)
         self.sample_sigmas = s
-        hi = self.ms_a.percent_to_sigma(self.start_percent)
-        lo = self.ms_a.percent_to_sigma(self.end_percent)
-        window = [i for i, v in enumerate(s[:-1]) if lo <= v <= hi]
-        self.bridge_steps = set(window[::self.bridge_every])
+        hi, lo = self.window_spec.sigmas(self.ms_a)
+        self.bridge_steps = self.window_spec.chosen_steps(self.ms_a, s)
         self.window = (lo, hi)
         self.codec_a = _Codec(self.model_patcher, self.vae_a)
         self.codec_b = _Codec(B, self.vae_b)
@@ -277,13 +265,6 @@ def make_coop_guider(model_a, vae_a, positive_a, negative_a, cfg_a, model_b, vae
 
 # -------------------------------------------------------------- public bridge function
 
-def _leftover_to_internal(model, latent_ext: torch.Tensor, sigma: float) -> torch.Tensor:
-    """A KSamplerAdvanced leftover-noise latent → the internal z_t the sampler had."""
-    ms = model.model.model_sampling
-    z = model.model.process_latent_in(latent_ext.float())
-    return ms.noise_scaling(torch.tensor(float(sigma)), torch.zeros_like(z), z)
-
-
 def _internal_to_leftover(model, z_int: torch.Tensor, sigma: float) -> torch.Tensor:
     ms = model.model.model_sampling
     return model.model.process_latent_out(ms.inverse_noise_scaling(torch.tensor(float(sigma)), z_int))
@@ -335,13 +316,16 @@ def bridge_latent(latent: dict, sigma: float, model_from, vae_from, model_to, va
     sigma = float(sigma)
     if denoised is None:
         denoised = estimate_x0(model_from, latent, sigma, positive, negative, cfg, seed)
-    pixels = vae_from.decode(denoised).movedim(-1, 1)  # (N, 3, H, W) in [0, 1]
-    pixels = coop.resize_pixels(pixels, (ph, pw), resize_method)
-    z0_ext = vae_to.encode(pixels.movedim(1, -1))
-    z0 = model_to.model.process_latent_in(z0_ext.float())
     ms_f, ms_t = model_from.model.model_sampling, model_to.model.model_sampling
     sigma_to = coop.equivalent_sigma(ms_f, sigma, ms_t) if sigma > 0 else 0.0
-    z_t = coop.renoise(ms_t, sigma_to, z0, coop.gaussian_like(z0, seed))
+
+    def decode(z_ext):  # external latent of model_from → (N, 3, H, W) pixels in [0, 1]
+        return vae_from.decode(z_ext).movedim(-1, 1)
+
+    def encode(px):     # pixels → model_to's internal latent
+        return model_to.model.process_latent_in(vae_to.encode(px.movedim(1, -1)).float())
+    z_t, _, _ = coop.resolution_bridge(denoised, decode, encode, scale, ms_t, sigma_to, seed, resize_method,
+                                       latent_downscale=ds_f, name=scale_input)
     out = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
     out["samples"] = _internal_to_leftover(model_to, z_t, sigma_to).to(mm.intermediate_device())
     return out, sigma_to
@@ -482,6 +466,63 @@ def _schedule(model, steps, sampler_name, scheduler):
                                    scheduler=scheduler, denoise=1.0, model_options=model.model_options).sigmas.cpu()
 
 
+def bridged_two_stage(first, second, latent: dict, sigmas: torch.Tensor, split: int, *, vae_first, vae_second,
+                      seed: int, steps: int, sampler_name: str, scheduler: str, cfg_first: float, positive_first,
+                      negative_first, cfg_second: float, positive_second, negative_second, scale: float,
+                      resize_method: str = "bicubic", bridge_seed: int, second_seed: int, sample_first=None,
+                      sample_second=None, names=("model_from", "vae_from", "model_to", "vae_to"),
+                      scale_input: str = "scale") -> tuple[dict, dict | None]:
+    """The one two-stage sampler with the Coop bridge between the stages (Resolution Bridge Sampler,
+    Struct→Texture across latent families or resolutions).
+
+    1. ``first`` denoises ``sigmas[:split + 1]`` (its schedule) from ``latent`` with fresh noise (``seed``),
+       leaving leftover noise at ``sigmas[split]``, as KSamplerAdvanced with return_with_leftover_noise does
+       (split 0: the latent is only noised to ``sigmas[0]``). ``split`` at the end of ``sigmas``: that is the
+       whole result, returned as (latent, None) without a bridge.
+    2. ``bridge_latent``: x̂0 → decode → resize ×``scale`` in pixels → encode → fresh noise (``bridge_seed``)
+       at the equivalent level σ' of ``second``.
+    3. ``second`` finishes on its own schedule (``steps``, ``scheduler``) from σ': [σ'] + its sigmas below σ'
+       (``second_seed`` for ancestral samplers' noise).
+
+    ``sample_first``/``sample_second`` are the patchers that sample (e.g. clones that record their calls; the
+    bridge's x̂0 estimate uses ``first`` itself); default the models. Returns (result in ``second``'s latent
+    space, the bridged latent)."""
+    sample_first = first if sample_first is None else sample_first
+    sample_second = second if sample_second is None else sample_second
+    sampler = comfy.samplers.sampler_object(sampler_name)
+    disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
+    lat = comfy.sample.fix_empty_latent_channels(first, latent["samples"])
+    noise = comfy.sample.prepare_noise(lat, seed, latent.get("batch_index"))
+    out = dict(latent)
+    if split > 0:
+        out["samples"] = comfy.sample.sample_custom(
+            sample_first, noise, cfg_first, sampler, sigmas[: split + 1], positive_first, negative_first, lat,
+            noise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(sample_first, steps),
+            disable_pbar=disable_pbar, seed=seed)
+        if split == len(sigmas) - 1:
+            return out, None
+    else:
+        ms = first.get_model_object("model_sampling")
+        z = first.model.process_latent_in(lat.float())
+        out["samples"] = first.model.process_latent_out(ms.noise_scaling(sigmas[0], noise, z))
+    mm.throw_exception_if_processing_interrupted()
+    bridged, sigma_to = bridge_latent(out, float(sigmas[split]), first, vae_first, second, vae_second, scale,
+                                      bridge_seed, positive=positive_first, negative=negative_first, cfg=cfg_first,
+                                      resize_method=resize_method, names=names, scale_input=scale_input)
+    own = _schedule(second, steps, sampler_name, scheduler)
+    tail = torch.cat([torch.tensor([sigma_to], dtype=own.dtype), own[own < sigma_to - 1e-6]])
+    if float(tail[-1]) != 0.0:
+        tail = torch.cat([tail, tail.new_zeros(1)])
+    z = bridged["samples"]
+    samples = comfy.sample.sample_custom(
+        sample_second, torch.zeros_like(z), cfg_second, sampler, tail, positive_second, negative_second, z,
+        callback=latent_preview.prepare_callback(sample_second, len(tail) - 1), disable_pbar=disable_pbar,
+        seed=second_seed)
+    res = {k: v for k, v in bridged.items() if k != "samples"}
+    res["samples"] = samples
+    return res, bridged
+
+
 def resolution_bridge_sample(model_low, vae_low, positive_low, negative_low, model_high, vae_high, positive_high,
                              negative_high, latent, seed, steps, cfg_low, cfg_high, sampler_name, scheduler,
                              switch_at, scale, resize_method="bicubic"):
@@ -502,29 +543,12 @@ def resolution_bridge_sample(model_low, vae_low, positive_low, negative_low, mod
     if not 1 <= n <= steps - 1:
         raise ValueError(f"switch_at: {switch_at} of {steps} steps leaves no step for one of the models; raise steps "
                          "or move switch_at towards 0.5")
-    sig_low = _schedule(model_low, steps, sampler_name, scheduler)
-    sig_high = _schedule(model_high, steps, sampler_name, scheduler)
-    noise = comfy.sample.prepare_noise(lat, seed, latent.get("batch_index"))
-    sampler = comfy.samplers.sampler_object(sampler_name)
-    pbar_total = steps
-    cb_low = latent_preview.prepare_callback(model_low, pbar_total)
-    z_low = comfy.sample.sample_custom(model_low, noise, cfg_low, sampler, sig_low[: n + 1], positive_low,
-                                       negative_low, lat, callback=cb_low,
-                                       disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-    mm.throw_exception_if_processing_interrupted()
-    bridged, s_high = bridge_latent({"samples": z_low}, float(sig_low[n]), model_low, vae_low, model_high, vae_high,
-                                    scale, seed + 1, positive=positive_low, negative=negative_low, cfg=cfg_low,
-                                    resize_method=resize_method)
-    tail = [s_high] + [float(v) for v in sig_high[n + 1:] if float(v) < s_high]
-    if tail[-1] != 0.0:
-        tail.append(0.0)
-    sig_tail = torch.tensor(tail, dtype=torch.float32)
-    cb_high = latent_preview.prepare_callback(model_high, len(tail) - 1)
-    hi = bridged["samples"]
-    out = comfy.sample.sample_custom(model_high, torch.zeros_like(hi), cfg_high, sampler, sig_tail, positive_high,
-                                     negative_high, hi, callback=cb_high,
-                                     disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed + 2)
-    return {"samples": out}, bridged
+    return bridged_two_stage(
+        model_low, model_high, latent, _schedule(model_low, steps, sampler_name, scheduler), n, vae_first=vae_low,
+        vae_second=vae_high, seed=seed, steps=steps, sampler_name=sampler_name, scheduler=scheduler,
+        cfg_first=cfg_low, positive_first=positive_low, negative_first=negative_low, cfg_second=cfg_high,
+        positive_second=positive_high, negative_second=negative_high, scale=scale, resize_method=resize_method,
+        bridge_seed=seed + 1, second_seed=seed + 2, names=("model_low", "vae_low", "model_high", "vae_high"))
 
 
 class AtelierResolutionBridgeSampler(io.ComfyNode):

@@ -229,7 +229,9 @@ def test_resolution_bridge_noise_is_white(tiny, nc, mc):
     assert abs(mc.spatial_autocorrelation(eps)) < 0.1
 
 
-def test_resolution_bridge_sampler_node(run_graph):
+def test_resolution_bridge_sampler_node(run_graph, nc, mc):
+    """The node is: the core KSamplerAdvanced to the switch (leftover noise), the models/ resolution bridge of
+    its clean estimate, and the core SamplerCustom on the high model's own schedule from there — exactly."""
     p = txt2img_prompt(family="sd15", size=64, steps=6)
     p["10"] = {"class_type": "AtelierTinyCheckpointLoader", "inputs": {"family": "sdxl", "seed": 5}}
     p["11"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["10", 1]}}
@@ -241,11 +243,48 @@ def test_resolution_bridge_sampler_node(run_graph):
         "cfg_low": 7.0, "cfg_high": 5.0, "switch_at": 0.5, "scale": 2.0, "resize_method": "bicubic"}}
     p["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["10", 2]}}
     p["22"] = {"class_type": "PreviewImage", "inputs": {"images": ["21", 0]}}
-    r = run_graph(p, want=["20", "21"])
-    out, bridged = r["values"]["20"]
+    # the same thing from core nodes: stage 1 to step 3 of 6 with leftover noise ...
+    p["30"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": ["1", 0], "add_noise": "enable", "noise_seed": 1, "steps": 6, "cfg": 7.0, "sampler_name": "euler",
+        "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+        "start_at_step": 0, "end_at_step": 3, "return_with_leftover_noise": "enable"}}
+    # ... and stage 2 from the node's bridged latent on the high model's schedule from step 3, no new noise
+    p["31"] = {"class_type": "BasicScheduler", "inputs": {"model": ["10", 0], "scheduler": "normal", "steps": 6,
+                                                          "denoise": 1.0}}
+    p["32"] = {"class_type": "SplitSigmas", "inputs": {"sigmas": ["31", 0], "step": 3}}
+    p["33"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    p["34"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["10", 0], "add_noise": False, "noise_seed": 0, "cfg": 5.0, "positive": ["11", 0],
+        "negative": ["12", 0], "sampler": ["33", 0], "sigmas": ["32", 1], "latent_image": ["20", 1]}}
+    for nid, src, vae in (("35", "30", "1"), ("36", "34", "10")):  # outputs, so the executor runs them
+        p[nid] = {"class_type": "VAEDecode", "inputs": {"samples": [src, 0], "vae": [vae, 2]}}
+        p["p" + nid] = {"class_type": "PreviewImage", "inputs": {"images": [nid, 0]}}
+    r = run_graph(p, want=["1", "2", "3", "10", "20", "21", "30", "34"])["values"]
+    out, bridged = r["20"]
     assert out["samples"].shape == bridged["samples"].shape == (1, 4, 16, 16)
     assert torch.isfinite(out["samples"]).all()
-    assert r["values"]["21"][0].shape == (1, 128, 128, 3)
+    assert r["21"][0].shape == (1, 128, 128, 3)
+    assert torch.equal(out["samples"], r["34"][0]["samples"])
+    # the bridge is models/coop.resolution_bridge of the low model's clean estimate at the switch
+    import comfy.sample
+    import comfy.samplers
+    low, vae_low = r["1"][0], r["1"][2]
+    high, vae_high = r["10"][0], r["10"][2]
+    sigma = float(nc._schedule(low, 6, "euler", "normal")[3])
+    z_low = r["30"][0]["samples"]
+    x0 = comfy.sample.sample_custom(low, torch.zeros_like(z_low), 7.0, comfy.samplers.sampler_object("euler"),
+                                    torch.tensor([sigma, 0.0]), r["2"][0], r["3"][0], z_low, disable_pbar=True,
+                                    seed=2)
+    ms_h = high.model.model_sampling
+    with torch.no_grad():
+        z_t, z0, n = mc.resolution_bridge(
+            x0, lambda z: vae_low.decode(z).movedim(-1, 1),
+            lambda px: high.model.process_latent_in(vae_high.encode(px.movedim(1, -1)).float()), 2.0, ms_h, sigma,
+            seed=2)
+        want = high.model.process_latent_out(ms_h.inverse_noise_scaling(torch.tensor(sigma), z_t))
+    assert torch.equal(bridged["samples"], want)
+    # fresh white noise at the switch level, not the low latent's noise upscaled
+    assert abs(mc.spatial_autocorrelation(n)) < 0.1
 
 
 def _leftover_prompt(upscaler: str, end_at=2, steps=8):
