@@ -182,21 +182,12 @@ def split_schedule(sigmas: torch.Tensor, thresholds: Sequence[float]) -> list[tu
 
 
 # ---------------------------------------------------------------- learned time gate (RAPHAEL)
-def timestep_embedding(t: torch.Tensor, dim: int = 32, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal timestep embedding E(t) (the one the SD UNet uses), (N,) → (N, dim)."""
-    t = torch.as_tensor(t, dtype=torch.float32).flatten()
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = t[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
 def router_embedding(t: torch.Tensor, dim: int = 8) -> torch.Tensor:
     """E'(t) for the gate: a low-frequency Fourier basis over [0, 1000] (periods 2000/k, k = 1..dim/2).
 
-    The UNet's own sinusoidal embedding (``timestep_embedding``) has periods down to ~6 timesteps, so a
-    linear gate on it fit to a dozen calibration levels flips between them; these smooth features
-    keep the gate's decision a slowly varying function of t."""
+    The UNet's own sinusoidal timestep embedding has periods down to ~6 timesteps, so a linear gate on
+    it fit to a dozen calibration levels flips between them; these smooth features keep the gate's
+    decision a slowly varying function of t."""
     t = torch.as_tensor(t, dtype=torch.float32).flatten()
     k = torch.arange(1, dim // 2 + 1, dtype=torch.float32)
     args = t[:, None] * (math.pi / 1000.0) * k[None]

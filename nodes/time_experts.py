@@ -44,13 +44,13 @@ import comfy.samplers
 from ..models import time_experts as te
 from .glue import check_conditioning, conditioning_problem
 from .glue import check_same_family as check_same_family_glue
-from .glue import check_vae, fail
+from .glue import check_vae, fail, hook_key, reset_run_states
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "atelier/time_experts"
-KEY = "atelier.time_experts"
-REC_KEY = "atelier.time_experts.record"
+KEY = hook_key("time_experts")
+REC_KEY = hook_key("time_experts.record")
 MAX_EXPERTS = 4
 Routes = io.Custom("ATELIER_ROUTES")
 
@@ -150,6 +150,8 @@ class RouterState:
         self.shared = [any(experts[j].model is experts[i].model for j in range(i)) for i in range(len(experts))]
         self.snapshot = None              # options shape right after this node
         self.run = None
+        self.pending = None               # this run's experts with the patches added after this node
+        self.derived = (None, None, None)  # (key, experts, objects): the last derived experts, reused while unchanged
 
     def choose(self, sigma: float) -> tuple[int, float]:
         t = te.timestep_from_logs(sigma, self.logs)
@@ -164,12 +166,73 @@ class _Run:
 
 def _expert_patchers(state: RouterState, routed) -> list:
     """The patchers for this run: the routed one, the clones ComfyUI loaded as additional models, and
-    the shared-base experts (swapped at the switch)."""
+    the shared-base experts (swapped at the switch); with the patches added after this node when the
+    outer-sample wrapper derived them for this run."""
+    if state.pending is not None:
+        return [routed] + list(state.pending[1:])
     extra = iter(routed.get_additional_models_with_key(KEY))
     out = [routed]
     for i in range(1, len(state.experts)):
         out.append(state.experts[i] if state.shared[i] else next(extra, state.experts[i]))
     return out
+
+
+_MISSING = object()
+
+
+def _added_model_patches(state: RouterState, routed):
+    """What was put on the routed ModelPatcher itself after this node (not in its model_options): weight
+    patches (a LoRA: LoraLoaderModelOnly), object patches (ModelSamplingDiscrete, ModelComputeDtype's
+    manual_cast_dtype) and forced weight casting. Returns (weight patches {key: [entries]}, object patches
+    {name: obj}, force_cast or None)."""
+    snap = state.snapshot or {}
+    counts, objects = snap.get("patches", {}), snap.get("object_patches", {})
+    weights = {k: list(v[counts.get(k, 0):]) for k, v in routed.patches.items() if len(v) > counts.get(k, 0)}
+    objs = {k: v for k, v in routed.object_patches.items() if objects.get(k, _MISSING) is not v}
+    cast = routed.force_cast_weights if routed.force_cast_weights != snap.get("force_cast", False) else None
+    return weights, objs, cast
+
+
+def _derive_experts(state: RouterState, routed) -> list | None:
+    """Each other expert with the weight/object patches added to the routed MODEL after this node, so that
+    they act on every expert's steps as they do on expert 1's (a LoRA's keys name layers of the shared
+    architecture; an object patch such as model_sampling is set on each expert). None when nothing was
+    added. The clones are kept while the added patches stay the same, so ComfyUI does not reload them."""
+    weights, objs, cast = _added_model_patches(state, routed)
+    if not weights and not objs and cast is None:
+        return None
+    key = (routed.patches_uuid if weights or cast is not None else None,
+           tuple(sorted((k, id(v)) for k, v in objs.items())), cast)
+    if state.derived[0] == key:
+        return state.derived[1]
+    base = _expert_patchers(_Base(state), routed)
+    out = [routed]
+    for i in range(1, len(base)):
+        d = base[i].clone()
+        missing = set()
+        for k, entries in weights.items():
+            for strength_patch, value, strength_model, offset, function in entries:
+                name = k if offset is None and function is None else (k, offset, function)
+                if not d.add_patches({name: value}, strength_patch, strength_model):
+                    missing.add(k)
+        for name, obj in objs.items():
+            d.add_object_patch(name, obj)
+        if cast is not None:
+            d.force_cast_weights = cast
+        if missing:
+            log.warning("Atelier Time Experts: %d weight(s) patched on the routed MODEL (e.g. a LoRA added after "
+                        "the node) do not exist in %s and act only on the other experts' steps: %s",
+                        len(missing), state.names[i], ", ".join(sorted(missing)[:3]))
+        out.append(d)
+    state.derived = (key, out, objs)
+    return out
+
+
+class _Base:
+    """A RouterState view without this run's derived experts (to derive them from the base ones)."""
+
+    def __init__(self, state):
+        self.experts, self.shared, self.pending = state.experts, state.shared, None
 
 
 def _run_options(expert, added_options: dict, added_wrappers: dict, added_callbacks: dict, sample_sigmas) -> dict:
@@ -200,11 +263,87 @@ def _activate(run, idx: int) -> None:
         p.model.current_patcher = p
 
 
+def _changed(obj, base):
+    """What the options of one model call hold that the run's options do not (by identity: ComfyUI copies
+    option dicts and lists, never their leaves), e.g. PAG's perturbed self-attention: new keys, other
+    objects, items appended to lists. None when nothing."""
+    if obj is base:
+        return None
+    if isinstance(obj, dict) and isinstance(base, dict):
+        out = {}
+        for k, v in obj.items():
+            if k not in base:
+                out[k] = v
+            elif v is not base[k]:
+                sub = _changed(v, base[k])
+                if sub is not None:
+                    out[k] = sub
+        return out or None
+    if isinstance(obj, list) and isinstance(base, list):
+        extra = [v for v in obj if not any(v is b for b in base)]
+        return extra or None
+    return obj
+
+
+def _overlay(opts: dict, delta: dict) -> dict:
+    """``opts`` with ``delta`` put on top (delta's entries win, its list items are appended); ``opts`` is
+    left as it was."""
+    out = dict(opts)
+    for k, v in delta.items():
+        cur = out.get(k)
+        if isinstance(v, dict) and isinstance(cur, dict):
+            out[k] = _overlay(cur, v)
+        elif isinstance(v, list) and isinstance(cur, list):
+            out[k] = cur + v
+        else:
+            out[k] = v
+    return out
+
+
+def _call_options(run, idx: int, model_options: dict) -> dict:
+    """Expert idx's options for one call: the run's, plus what this call changed in the routed model's
+    options (a technique that runs an extra, modified pass through ``calc_cond_batch``, such as PAG or SAG,
+    must get that pass on every expert, not a plain one)."""
+    opts = run.options[idx]
+    if model_options is run.base_options:
+        return opts
+    delta = _changed(model_options, run.base_options)
+    if delta:
+        to = delta.get("transformer_options")
+        if isinstance(to, dict):
+            for k in ("wrappers", "callbacks", "sample_sigmas"):
+                to.pop(k, None)
+        opts = _overlay(opts, delta)
+    return opts
+
+
 def make_wrappers(state: RouterState):
+    def outer_sample(executor, *args, **kwargs):
+        """Before ComfyUI loads the models: the other experts with the weight/object patches added to the
+        routed MODEL after this node, registered in place of the plain ones for this run."""
+        routed = executor.class_obj.model_patcher
+        derived = _derive_experts(state, routed)
+        if derived is None:
+            return executor(*args, **kwargs)
+        before = routed.additional_models.get(KEY)
+        routed.set_additional_models(KEY, [derived[i] for i in range(1, len(derived)) if not state.shared[i]])
+        state.pending = derived
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            state.pending = None
+            if before is None:
+                routed.remove_additional_models(KEY)
+            else:
+                routed.set_additional_models(KEY, before)
+
     def sampler_sample(executor, guider, sigmas, extra_args, *args, **kwargs):
         routed = guider.model_patcher
         run = _Run()
         run.patchers = _expert_patchers(state, routed)
+        run.base_options = extra_args.get("model_options")
+        for p in run.patchers[1:]:  # their own outer-sample wrappers never run: reset their per-run state here
+            reset_run_states(p.model_options)
         run.active = 0
         run.pre_ran = set()
         run.gen = torch.Generator().manual_seed(state.gate_seed)
@@ -245,9 +384,9 @@ def make_wrappers(state: RouterState):
         if idx == 0:
             return executor(model, conds, x_in, timestep, model_options)
         p = run.patchers[idx]
-        return comfy.samplers.calc_cond_batch(p.model, conds, x_in, timestep, run.options[idx])
+        return comfy.samplers.calc_cond_batch(p.model, conds, x_in, timestep, _call_options(run, idx, model_options))
 
-    return sampler_sample, calc_cond_batch
+    return outer_sample, sampler_sample, calc_cond_batch
 
 
 def build_routed(experts: list, names: list[str], thresholds, sigma_table, gate=None, gate_noise=0.0, gate_seed=0):
@@ -257,14 +396,17 @@ def build_routed(experts: list, names: list[str], thresholds, sigma_table, gate=
     state = RouterState(experts, names, thresholds, sigma_table, gate, gate_noise, gate_seed)
     own = [experts[i] for i in range(1, len(experts)) if not state.shared[i]]
     routed.set_additional_models(KEY, own)
+    routed.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY)
     routed.remove_wrappers_with_key(pe.WrappersMP.SAMPLER_SAMPLE, KEY)
     routed.remove_wrappers_with_key(pe.WrappersMP.CALC_COND_BATCH, KEY)
-    sampler_sample, calc = make_wrappers(state)
+    outer, sampler_sample, calc = make_wrappers(state)
+    routed.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, outer)
     routed.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, KEY, sampler_sample)
     routed.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, KEY, calc)
     routed.set_attachments(KEY, state)
     state.snapshot = {"options": _shape(routed.model_options), "wrappers": _shape(routed.wrappers),
-                      "callbacks": _shape(routed.callbacks)}
+                      "callbacks": _shape(routed.callbacks), "patches": _shape(routed.patches),
+                      "object_patches": dict(routed.object_patches), "force_cast": routed.force_cast_weights}
     return routed, state
 
 
@@ -352,8 +494,8 @@ class AtelierTimeRouter(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "RAPHAEL-style time gate: replaces the fixed boundaries of a routed MODEL (from Atelier Time Experts) "
-                "by a small router softmax(W·E(t) + b) over the sinusoidal timestep embedding E(t), choosing one "
-                "expert per denoising call. Calibration 'denoising_loss': each expert denoises the given latents "
+                "by a small router softmax(W·E(t) + b) over a smooth Fourier embedding E(t) of the timestep, "
+                "choosing one expert per denoising call. Calibration 'denoising_loss': each expert denoises the given latents "
                 "(noised at 'levels' noise levels, fixed seed, conditioned on 'positive') and the gate is fit to "
                 "prefer, at each timestep, the expert with the lowest x0 error. 'fit_boundaries' fits the gate to the "
                 "routed model's boundaries (same routes as the boundaries, as a starting point)."
@@ -578,15 +720,13 @@ def struct_texture_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent
 def _bridged_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed, steps, cfg, sampler_name,
                     scheduler, t_struct, denoise, structure_vae, texture_vae, texture_scale):
     """Structure stage on its own schedule down to T_struct, Coop bridge (x̂0 → decode → resize → encode →
-    fresh noise at the equivalent level), texture stage on its own schedule from there."""
-    import comfy.sample
-    import latent_preview
-    import nodes as comfy_nodes
+    fresh noise at the equivalent level), texture stage on its own schedule from there: the Coop bridge's
+    two-stage sampler (``coop.bridged_two_stage``), with each stage's calls recorded."""
     why = (f"latent family {_family_key(structure)[0]} → {_family_key(texture)[0]}"
            if _family_key(structure) != _family_key(texture) else f"texture_scale {texture_scale:g}")
     try:
         from . import coop as coop_nodes
-        bridge = coop_nodes.bridge_latent
+        two_stage = coop_nodes.bridged_two_stage
     except (ImportError, AttributeError):
         raise ValueError(f"texture_model: this handoff ({why}) needs the Coop bridge, which is not installed in this "
                          "version of Atelier; use two models of one family at one resolution") from None
@@ -595,37 +735,15 @@ def _bridged_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed
                          "decodes and re-encodes: connect both models' VAEs")
     table, sigmas, record, segs = _plan_struct_texture(structure, steps, sampler_name, scheduler, denoise, t_struct)
     split = segs[0][2] if segs and segs[0][0] == 0 else 0
-    out = latent
-    s_model = _recording(structure, record, table, 0)
-    if split > 0:
-        last = split == len(sigmas) - 1
-        out = comfy_nodes.common_ksampler(s_model, seed, steps, cfg, sampler_name, scheduler, s_pos, s_neg, out,
-                                          denoise=denoise, start_step=0, last_step=split, force_full_denoise=last)[0]
-        if last:
-            return out, record
-    else:
-        out = dict(latent)
-        noise = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index"))
-        ms = structure.get_model_object("model_sampling")
-        z = structure.model.process_latent_in(latent["samples"].float())
-        out["samples"] = structure.model.process_latent_out(ms.noise_scaling(sigmas[0], noise, z))
-    sigma = float(sigmas[split])
-    bridged, sigma_to = bridge(out, sigma, structure, structure_vae, texture, texture_vae, float(texture_scale), seed,
-                               positive=s_pos, negative=s_neg, cfg=cfg,
-                               names=("structure_model", "structure_vae", "texture_model", "texture_vae"),
-                               scale_input="texture_scale")
-    t_ks = comfy.samplers.KSampler(texture, steps=steps, device=texture.load_device, sampler=sampler_name,
-                                   scheduler=scheduler, denoise=1.0, model_options=texture.model_options)
-    t_sig = t_ks.sigmas.detach().cpu()
-    t_sig = torch.cat([torch.tensor([sigma_to]), t_sig[t_sig < sigma_to - 1e-6]])
-    t_model = _recording(texture, record, _sigma_table(texture), 1)
-    samples = comfy.sample.sample_custom(
-        t_model, torch.zeros_like(bridged["samples"]), cfg, comfy.samplers.sampler_object(sampler_name), t_sig,
-        t_pos, t_neg, bridged["samples"], callback=latent_preview.prepare_callback(t_model, len(t_sig) - 1),
-        disable_pbar=True, seed=seed)
-    res = {k: v for k, v in bridged.items() if k != "samples"}
-    res["samples"] = samples
-    return res, record
+    out, _ = two_stage(
+        structure, texture, latent, sigmas, split, vae_first=structure_vae, vae_second=texture_vae, seed=seed,
+        steps=steps, sampler_name=sampler_name, scheduler=scheduler, cfg_first=cfg, positive_first=s_pos,
+        negative_first=s_neg, cfg_second=cfg, positive_second=t_pos, negative_second=t_neg,
+        scale=float(texture_scale), bridge_seed=seed, second_seed=seed,
+        sample_first=_recording(structure, record, table, 0),
+        sample_second=_recording(texture, record, _sigma_table(texture), 1),
+        names=("structure_model", "structure_vae", "texture_model", "texture_vae"), scale_input="texture_scale")
+    return out, record
 
 
 class AtelierDrawRoutes(io.ComfyNode):

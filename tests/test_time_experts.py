@@ -425,3 +425,107 @@ def test_struct_texture_across_families_uses_the_coop_bridge(run_graph, tmod):
     experts = [c["expert"] for c in calls]
     assert experts[0] == 0 and experts[-1] == 1 and experts == sorted(experts)
     assert all(c["timestep"] >= 499 for c in calls if c["expert"] == 0)
+
+
+# ------------------------------------------------------------------ issue 15: what is added after the node
+def _after(p, node: dict, boundaries: str | None = None, size: int | None = None):
+    """The routed graph with ``node`` (a core node taking the routed MODEL as "model") between Time Experts and
+    the KSampler."""
+    p["45"] = {"class_type": node["class_type"], "inputs": {**node["inputs"], "model": ["20", 0]}}
+    p["5"]["inputs"]["model"] = ["45", 0]
+    if boundaries is not None:
+        p["20"]["inputs"]["boundaries"] = boundaries
+    if size is not None:
+        p["4"]["inputs"].update(width=size, height=size)
+    return p
+
+
+def _on(p, node: dict, model, size: int | None = None):
+    """The plain graph: ``node`` on ``model`` (a node id), then the KSampler, no routing."""
+    p["46"] = {"class_type": node["class_type"], "inputs": {**node["inputs"], "model": [model, 0]}}
+    p["5"]["inputs"]["model"] = ["46", 0]
+    for k in ("20", "21"):
+        p.pop(k, None)
+    if size is not None:
+        p["4"]["inputs"].update(width=size, height=size)
+    return p
+
+
+_LORA_AFTER = {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": LORA, "strength_model": 1.0}}
+
+
+@pytest.mark.parametrize("shared_base", [False, True], ids=["two_checkpoints", "one_checkpoint_plus_lora"])
+def test_lora_added_after_the_node_acts_on_every_expert(run_graph, tiny, tmod, shared_base):
+    # expert 2: another checkpoint, or expert 1's checkpoint with a LoRA at half strength
+    half = {"44": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1f", 0], "lora_name": LORA,
+                                                                   "strength_model": 0.5}}}
+    e2 = "44" if shared_base else "10f"
+
+    def graph(boundaries="500", mode="timestep"):
+        p = _graph(boundaries=boundaries, mode=mode)
+        p.update(half)
+        p["20"]["inputs"]["model_2"] = [e2, 0]
+        return p
+
+    def alone(model):
+        p = graph()
+        return _latent(run_graph, _on(p, _LORA_AFTER, model))
+
+    b_plain = _latent(run_graph, _on(graph(), {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "lora_name": LORA, "strength_model": 0.0}}, e2))
+    b_lora = alone(e2)
+    assert not torch.equal(b_plain, b_lora)  # the LoRA does something on expert 2
+    assert torch.equal(_latent(run_graph, _after(graph(), _LORA_AFTER, "1000")), b_lora)
+    assert torch.equal(_latent(run_graph, _after(graph(), _LORA_AFTER, "0")), alone("1f"))
+    # on a step boundary: the core chain with the LoRA on both models
+    sig = _sigmas(None, tiny.build_model("sd15", 0), 6, "normal")
+    mid = _latent(run_graph, _after(graph(repr(math.sqrt(float(sig[2]) * float(sig[3]))), "sigma"), _LORA_AFTER))
+    extra = {**half, "47": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1f", 0], "lora_name": LORA,
+                                                                            "strength_model": 1.0}},
+             "48": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": [e2, 0], "lora_name": LORA,
+                                                                    "strength_model": 1.0}}}
+    chain = _chain(run_graph, 3, model_1=("47", 0), model_2=("48", 0), extra=extra)
+    assert _close(mid, chain), (mid - chain).abs().max()
+    # the routed MODEL without the LoRA is unchanged (nothing stuck to the experts)
+    assert torch.equal(_latent(run_graph, graph("1000")), b_plain)
+
+
+@pytest.mark.parametrize("sampling", ["v_prediction", "lcm"])
+def test_model_sampling_added_after_the_node_acts_on_every_expert(run_graph, tmod, sampling):
+    node = {"class_type": "ModelSamplingDiscrete", "inputs": {"sampling": sampling, "zsnr": False}}
+    b_patched = _latent(run_graph, _on(_graph(), node, "10f"))
+    assert not torch.equal(b_patched, _alone(run_graph, "10"))
+    assert torch.equal(_latent(run_graph, _after(_graph(), node, "1000")), b_patched)
+    assert torch.equal(_latent(run_graph, _after(_graph(), node, "0")), _latent(run_graph, _on(_graph(), node, "1f")))
+
+
+def test_pag_after_the_node_perturbs_every_expert(run_graph, tmod):
+    # 128 px: at 64 px the tiny UNet's middle block is 1x1 and PAG's perturbed self-attention is the identity
+    pag = {"class_type": "PerturbedAttentionGuidance", "inputs": {"scale": 3.0}}
+    b_pag = _latent(run_graph, _on(_graph(), pag, "10f", size=128))
+    b = _latent(run_graph, _on(_graph(), {"class_type": "PerturbedAttentionGuidance", "inputs": {"scale": 0.0}},
+                               "10f", size=128))
+    assert (b_pag - b).abs().max() > 1e-3  # PAG does something on expert 2
+    assert torch.equal(_latent(run_graph, _after(_graph(), pag, "1000", size=128)), b_pag)
+
+
+def test_run_state_of_every_expert_is_reset_at_each_routed_run(tiny, tmod, pack):
+    import comfy.patcher_extension as pe
+    import nodes
+    glue = importlib.import_module(pack.__name__ + ".nodes.glue")
+    _, clip, _ = tiny.build_family("sd15", 0)
+    a, b = fixed(tiny, 0), fixed(tiny, 1).clone()
+    log = []
+    glue.register_run_state(b, "test.state", lambda: log.append("reset"))
+
+    def on_b(executor, *args, **kwargs):
+        log.append("call")
+        return executor(*args, **kwargs)
+    b.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "test.on_b", on_b)
+    routed = tmod.AtelierTimeExperts.execute(model_1=a, model_2=b, mode="timestep", boundaries="500").args[0]
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    for _ in range(2):
+        nodes.KSampler().sample(routed, 1, 6, 7.0, "euler", "normal", pos, neg, {"samples": torch.zeros(1, 4, 8, 8)})
+    n = log.count("call")
+    assert n >= 2 and log == (["reset"] + ["call"] * (n // 2)) * 2, log
