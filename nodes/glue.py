@@ -50,7 +50,7 @@ __all__ = ["AtelierError", "fail", "guard_node", "FAMILIES", "Family", "family_o
            "conditioning_problem", "check_conditioning", "allowed_roots", "resolve_user_folder", "check_inside",
            "list_files", "WrittenFiles", "refuse_overwrite", "open_safetensors", "load_safetensors", "open_image",
            "check_interrupt", "interruptible", "check_memory", "available_memory", "deprecated", "hook_key",
-           "cond_rows", "SigmaWindow", "StepCounter", "register_run_state", "reset_run_states",
+           "cond_rows", "SigmaWindow", "percent_of", "StepCounter", "register_run_state", "reset_run_states",
            "register_model_folder"]
 
 
@@ -579,9 +579,31 @@ class SigmaWindow:
         if self.every < 1:
             raise fail(every_input, f"{every} must be 1 or more", "1 = every step of the window")
 
+    top_sigma: float | None = None  # set by for_run when the window starts exactly at a run's first step
+
     def sigmas(self, model_sampling) -> tuple[float, float]:
         """(sigma at start, sigma at end): the window is ``end <= sigma <= start``."""
-        return float(model_sampling.percent_to_sigma(self.start)), float(model_sampling.percent_to_sigma(self.end))
+        hi = self.top_sigma if self.top_sigma is not None else float(model_sampling.percent_to_sigma(self.start))
+        return hi, float(model_sampling.percent_to_sigma(self.end))
+
+    def for_run(self, model_sampling, sigmas) -> "SigmaWindow":
+        """This window measured on one sampler run's own noise range. A full run (first sigma = the top of the
+        model's schedule) keeps it as given; a run that starts lower (img2img, denoise < 1; a second-pass
+        sampler) maps 0 to its first step's noise level and 1 to the end, so 0-50 % is the first half of *its*
+        noise range (and a start of 0 includes that first step's exact sigma)."""
+        s = [float(v) for v in sigmas]
+        if len(s) < 2 or s[0] >= float(model_sampling.sigma_max) * (1 - 1e-4):
+            return self
+        p0 = percent_of(model_sampling, s[0])
+        if p0 <= 0.0:
+            return self
+
+        def remap(p):
+            return min(1.0, p0 + p * (1.0 - p0))
+        w = SigmaWindow(remap(self.start), remap(self.end), self.every, self.start_input, self.end_input)
+        if self.start == 0.0:
+            w.top_sigma = s[0]
+        return w
 
     def contains(self, model_sampling, sigma: float) -> bool:
         hi, lo = self.sigmas(model_sampling)
@@ -596,6 +618,19 @@ class SigmaWindow:
     def chosen_steps(self, model_sampling, sigmas) -> set[int]:
         """The steps the technique acts on: every ``every``-th step of the window, from its first."""
         return set(self.steps(model_sampling, sigmas)[::self.every])
+
+
+def percent_of(model_sampling, sigma: float) -> float:
+    """The schedule percent (0 = top, 1 = clean) of a noise level: the inverse of ``percent_to_sigma``, by
+    bisection on it (works for any model_sampling, discrete or flow)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if float(model_sampling.percent_to_sigma(mid)) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 class StepCounter:

@@ -868,51 +868,8 @@ class GuidanceState:
 
 
 def run_window(window: glue.SigmaWindow, model_sampling, sigmas) -> glue.SigmaWindow:
-    """The window of one sampler run. start/end_percent are fractions of the run's own denoising: a run that
-    starts below the top of the model's schedule (img2img, denoise < 1; a second-pass sampler) maps 0 to
-    its first step's noise level and 1 to the end, so 0-50 % is the first half of *its* noise range. A full
-    run (first sigma = the schedule's top) keeps the window as given."""
-    s = [float(v) for v in sigmas]
-    if len(s) < 2:
-        return window
-    first = s[0]
-    if first >= float(model_sampling.sigma_max) * (1 - 1e-4):   # a full run: the window as given
-        return window
-    p0 = _percent_of(model_sampling, first)
-    if p0 <= 0.0:
-        return window
-
-    def remap(p):
-        return min(1.0, p0 + p * (1.0 - p0))
-    w = glue.SigmaWindow(remap(window.start), remap(window.end), window.every)
-    if window.start == 0.0:
-        # the first step itself belongs to the window (its sigma, not a percent rounded through timesteps)
-        w = _WindowFrom(w, first)
-    return w
-
-
-class _WindowFrom(glue.SigmaWindow):
-    """A SigmaWindow whose top is an exact sigma (the run's first step)."""
-
-    def __init__(self, w: glue.SigmaWindow, top_sigma: float):
-        super().__init__(w.start, w.end, w.every)
-        self.top_sigma = float(top_sigma)
-
-    def sigmas(self, model_sampling):
-        return self.top_sigma, float(model_sampling.percent_to_sigma(self.end))
-
-
-def _percent_of(model_sampling, sigma: float) -> float:
-    """The schedule percent (0 = top, 1 = clean) of a noise level: the inverse of percent_to_sigma, by bisection
-    on it (works for any model_sampling that has percent_to_sigma)."""
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if float(model_sampling.percent_to_sigma(mid)) > sigma:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    """The window of one sampler run (``glue.SigmaWindow.for_run``: percents of the run's own noise range)."""
+    return window.for_run(model_sampling, sigmas)
 
 
 def _show_on_sampler(text: str) -> None:
