@@ -413,7 +413,6 @@ class Neighbours:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
     def files(self) -> list[Path]:
         return [safe_join(self.root, p) for p in self.paths]
 
