@@ -10,8 +10,10 @@ from atelier_testlib import load_tool
 
 cm = load_tool("compose_matrix")
 
-# Sized for the suite: the patches users chain most, few steps. The bench runs every patch.
-SUITE_PATCHES = ("FreeU", "PAG", "ToMe", "v-prediction")
+# Sized for the suite: the patches users chain most, few steps. The bench runs every patch. (Core PAG has
+# almost no effect at the tiny models' 64 px — a 1x1 middle block — so PAG is tested at 128 px by the
+# techniques' own tests: tests/test_compose_space.py, tests/test_compose_sketch.py, tests/test_time_experts.py.)
+SUITE_PATCHES = ("FreeU", "RescaleCFG", "ToMe", "v-prediction")
 CELLS = [(t, p, o) for t in cm.TECHNIQUES for p in SUITE_PATCHES for o in ("after", "before")]
 
 

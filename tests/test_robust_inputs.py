@@ -70,17 +70,43 @@ def _schema_graph(comfy, class_type):
     return prompt, "target"
 
 
-@pytest.fixture(scope="module")
-def contexts(comfy):
-    """{class_type: (prompt, node_id)}: the first example workflow using it, else a schema-built graph."""
-    out = {}
+def _routed_context():
+    """AtelierTimeRouter calibrates a routed MODEL: two tiny experts through AtelierTimeExperts."""
+    prompt = {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in PROVIDER_NODES.items()}
+    prompt["routed"] = {"class_type": "AtelierTimeExperts", "inputs": {
+        "model_1": ["ctx_loader", 0], "model_2": ["ctx_loader_b", 0], "mode": "timestep", "boundaries": "500"}}
+    prompt["target"] = {"class_type": "AtelierTimeRouter", "inputs": {
+        "model": ["routed", 0], "calibration": "fit_boundaries", "levels": 4, "gate_noise": 0.0, "seed": 0}}
+    return prompt, "target"
+
+
+# Nodes whose inputs need a particular upstream node (not just a value of the right type).
+HAND_BUILT = {"AtelierTimeRouter": _routed_context}
+
+
+def _all_contexts(comfy) -> dict:
+    """{class_type: [(prompt, node_id), ...]}: every example workflow using it, in file order."""
+    out: dict = {}
     for path in WORKFLOWS:
         prompt = comfy.to_prompt(comfy.load_workflow(path), tiny=True)
         for nid, node in prompt.items():
-            out.setdefault(node["class_type"], (prompt, nid))
+            out.setdefault(node["class_type"], []).append((prompt, nid))
+    return out
+
+
+@pytest.fixture(scope="module")
+def all_contexts(comfy):
+    return _all_contexts(comfy)
+
+
+@pytest.fixture(scope="module")
+def contexts(comfy, all_contexts):
+    """{class_type: (prompt, node_id)}: the first example workflow using it, else a hand-built or
+    schema-built graph."""
+    out = {ct: found[0] for ct, found in all_contexts.items()}
     for ct in comfy.atelier_node_ids():
         if ct not in out:
-            built = _schema_graph(comfy, ct)
+            built = HAND_BUILT[ct]() if ct in HAND_BUILT else _schema_graph(comfy, ct)
             if built is not None:
                 out[ct] = built
     return out
@@ -141,14 +167,17 @@ def _loader_family(prompt, link):
     return None
 
 
-def test_every_node_taking_a_vae_refuses_a_foreign_family_vae(comfy, contexts):
-    """The Atelier Mini VAE of the other family in place of each VAE input, one at a time."""
+def test_every_node_taking_a_vae_refuses_a_foreign_family_vae(comfy, contexts, all_contexts):
+    """The Atelier Mini VAE of the other family in place of each VAE input, one at a time (in the first
+    context graph where that input is connected: optional VAE inputs are tested too)."""
     cases = [(ct, name) for ct in comfy.atelier_node_ids() for name in _inputs_of(comfy, ct, "VAE")]
     assert len(cases) >= 8
     bad = []
     for ct, name in cases:
         assert ct in contexts, f"{ct}: no context graph"
-        prompt, nid = contexts[ct]
+        linked = [c for c in all_contexts.get(ct, []) + [contexts[ct]] if isinstance(c[0][c[1]]["inputs"].get(name), list)]
+        assert linked, f"{ct}.{name}: no context graph connects this VAE input"
+        prompt, nid = linked[0]
         fam = _loader_family(prompt, prompt[nid]["inputs"].get(name))
         assert fam is not None, f"{ct}.{name}: the context's VAE does not come from a tiny/Mini loader"
         other = "sdxl" if fam == "sd15" else "sd15"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-KEEP, BLOWUP = 0.2, 20.0
+KEEP, BLOWUP = 0.1, 20.0
 
 # Core patches: node type and its non-model inputs (strengths where core's default is a no-op).
 PATCHES: dict[str, dict] = {
@@ -37,7 +37,8 @@ class Technique:
     workflow: str
     node: str
     off: dict
-    model_input: str = "model"          # where the MODEL comes in ("before" puts the patch here)
+    model_input: str = "model"          # where the MODEL comes in (bypassing the node connects this one)
+    before: tuple = ()                  # MODEL inputs "before" patches (default: model_input)
     drop: tuple = ()                    # optional inputs removed in every variant
     reencode_positive: bool = False     # the node's output 1 is its own encoding of inputs['prompt']
     on: dict = field(default_factory=dict)
@@ -53,7 +54,7 @@ TECHNIQUES = {
     "paint-with-words": Technique("paint-with-words", "paint_with_words_colormap.json", "AtelierPaintWithWords",
                                   off={"weight": 0.0}, drop=("experts",), reencode_positive=True),
     "time experts": Technique("time experts", "time_experts_sd15.json", "AtelierTimeExperts",
-                              off={"boundaries": "1000"}, model_input="model_2"),
+                              off={"boundaries": "1000"}, model_input="model_2", before=("model_1", "model_2")),
 }
 
 
@@ -112,10 +113,11 @@ class Matrix:
                 for k, name in _consumers(p, tid, 0):
                     if k != pid:
                         p[k]["inputs"][name] = [pid, 0]
-            else:
-                src = p[tid]["inputs"][t.model_input]
-                p[pid] = {"class_type": spec["class_type"], "inputs": {**spec["inputs"], "model": src}}
-                p[tid]["inputs"][t.model_input] = [pid, 0]
+            else:  # one patch node per MODEL input of the technique (each expert patched, as a user would)
+                for j, inp in enumerate(t.before or (t.model_input,)):
+                    src = p[tid]["inputs"][inp]
+                    p[f"{pid}{j}"] = {"class_type": spec["class_type"], "inputs": {**spec["inputs"], "model": src}}
+                    p[tid]["inputs"][inp] = [f"{pid}{j}", 0]
         if mode == "bypass":
             src = p[tid]["inputs"][t.model_input]
             for k, name in _consumers(p, tid, 0):
