@@ -389,6 +389,29 @@ def make_wrappers(state: RouterState):
     return outer_sample, sampler_sample, calc_cond_batch
 
 
+# Sampler-level hooks: ComfyUI's sampler reads them from the MODEL it samples (the routed clone of expert 1),
+# not from the expert that denoises a step.
+SAMPLER_LEVEL = ("sampler_cfg_function", "sampler_post_cfg_function", "sampler_pre_cfg_function")
+
+
+def _warn_sampler_level_patches(experts: list, names: list[str]) -> list[str]:
+    """Sampler-level patches (CFG functions such as RescaleCFG; post-CFG functions such as PAG, SAG) put on
+    expert 2+ *before* this node never run: the sampler takes them from the routed MODEL. Say so, loudly."""
+    first = experts[0].model_options
+    found = []
+    for m, name in zip(experts[1:], names[1:]):
+        for key in SAMPLER_LEVEL:
+            theirs, ours = m.model_options.get(key), first.get(key)
+            if theirs and (not isinstance(theirs, list) or any(f not in (ours or []) for f in theirs)) \
+                    and theirs is not ours:
+                found.append(f"{name}: {key}")
+    if found:
+        log.warning("[Atelier] Time Experts: sampler-level patches on %s do not act (the sampler reads them from "
+                    "the routed MODEL). Add CFG/post-CFG patches such as PAG, SAG or RescaleCFG after Atelier Time "
+                    "Experts instead: there they act on every expert's steps.", ", ".join(found))
+    return found
+
+
 def build_routed(experts: list, names: list[str], thresholds, sigma_table, gate=None, gate_noise=0.0, gate_seed=0):
     """Clone of expert 1 that routes by noise level. Returns (routed MODEL, RouterState)."""
     check_same_family(experts, names)
@@ -475,7 +498,12 @@ class AtelierTimeExperts(io.ComfyNode):
             table = torch.tensor([1e-3, 1e3])  # only for the timestep shown in the record
         thresholds = te.parse_boundaries(boundaries, mode, len(experts), table)
         routed, state = build_routed(experts, names, thresholds, table)
-        return io.NodeOutput(routed, state.record, _boundary_summary(state))
+        summary = _boundary_summary(state)
+        unused = _warn_sampler_level_patches(experts, names)
+        if unused:
+            summary = (f"WARNING: sampler-level patches on {', '.join(unused)} do not act; add PAG/SAG/RescaleCFG-type "
+                       f"patches after this node (they then act on every expert)\n{summary}")
+        return io.NodeOutput(routed, state.record, summary)
 
 
 def _sigma_table_or_none(model):

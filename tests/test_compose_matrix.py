@@ -30,3 +30,23 @@ def test_both_effects_survive_and_the_noop_is_exact(matrix, technique, patch, or
     assert r["noop_exact"], f"{technique} off + {patch} ({order}) differs from {patch} alone: {r}"
     assert r["t_kept"], f"{technique}'s effect is lost with {patch} ({order}): {r}"
     assert r["p_kept"], f"{patch}'s effect is lost or blown up with {technique} ({order}): {r}"
+
+
+def test_sampler_level_patch_before_a_non_first_expert_is_reported(run_graph):
+    """RescaleCFG (a sampler CFG function) put on expert 2 before Atelier Time Experts cannot act — the
+    sampler reads such hooks from the routed MODEL — so the node says so in its summary; after the node it
+    acts on every expert (the matrix above)."""
+    prompt = {
+        "1": {"class_type": "AtelierTinyCheckpointLoader", "inputs": {"family": "sd15", "seed": 0}},
+        "2": {"class_type": "AtelierTinyCheckpointLoader", "inputs": {"family": "sd15", "seed": 1}},
+        "3": {"class_type": "RescaleCFG", "inputs": {"model": ["2", 0], "multiplier": 0.7}},
+        "4": {"class_type": "AtelierTimeExperts", "inputs": {"model_1": ["1", 0], "model_2": ["3", 0],
+                                                             "mode": "timestep", "boundaries": "500"}},
+        "5": {"class_type": "AtelierTimeExperts", "inputs": {"model_1": ["1", 0], "model_2": ["2", 0],
+                                                             "mode": "timestep", "boundaries": "500"}},
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["4", 2]}},
+        "7": {"class_type": "PreviewAny", "inputs": {"source": ["5", 2]}},
+    }
+    out = run_graph(prompt, want=["4", "5"])["values"]
+    assert out["4"][2].startswith("WARNING: sampler-level patches on model_2: sampler_cfg_function")
+    assert "WARNING" not in out["5"][2]
