@@ -2,27 +2,13 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
-import sys
 
 import pytest
 import torch
-from atelier_testlib import ROOT, txt2img_prompt
+from atelier_testlib import load_models, txt2img_prompt
 
 LOG = logging.getLogger("test_coop")
-
-
-def _load_models_coop():
-    """models/coop.py by file path under a package name, so it runs without the pack/ComfyUI."""
-    name = "atelier_models_coop_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "models" / "coop.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,7 +23,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def mc():
-    return _load_models_coop()
+    return load_models("coop")
 
 
 @pytest.fixture(scope="module")
