@@ -47,7 +47,7 @@ log = logging.getLogger("atelier")
 
 __all__ = ["AtelierError", "fail", "guard_node", "FAMILIES", "Family", "family_of", "family_row", "native_px",
            "check_vae", "vae_family", "vae_downscale", "register_vae_scale", "check_same_family",
-           "conditioning_problem", "check_conditioning", "allowed_roots", "resolve_user_folder", "check_inside",
+           "conditioning_problem", "check_conditioning", "allowed_roots", "resolve_user_folder",
            "list_files", "WrittenFiles", "refuse_overwrite", "open_safetensors", "load_safetensors", "open_image",
            "check_interrupt", "interruptible", "check_memory", "available_memory", "deprecated", "hook_key",
            "cond_rows", "SigmaWindow", "percent_of", "StepCounter", "register_run_state", "reset_run_states",
@@ -295,19 +295,6 @@ def allowed_roots(folder_names: list[str] | None = None) -> list[Path]:
 
 def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
-
-
-def check_inside(path, input_name: str, roots: list[Path] | None = None, what: str = "path") -> Path:
-    """The real path of ``path`` if it lies inside one of ``roots`` (default: ``allowed_roots()``),
-    else an error naming the input, where it really points and the fix."""
-    roots = allowed_roots() if roots is None else roots
-    real = _real(path)
-    if not any(_inside(real, r) for r in roots):
-        shown = f"{path} (really {real})" if str(real) != os.path.abspath(str(path)) else str(path)
-        raise fail(input_name, f"the {what} {shown} is outside the folders Atelier may use",
-                   "put it under ComfyUI's input folder, or list its folder in extra_model_paths.yaml "
-                   "(a symlink pointing elsewhere is not followed)")
-    return real
 
 
 def resolve_user_folder(text: str, input_name: str, extra_folders: tuple[str, ...] = (), must_exist: bool = True,
