@@ -70,7 +70,7 @@ def load_mini(family: str, path: str | Path | None = None):
         model.model.diffusion_model.load_state_dict(parts["unet"], strict=True)
         clip.cond_stage_model.load_state_dict(parts["clip"], strict=True)
         vae = comfy.sd.VAE(sd=parts["vae"])
-        register_vae_scale(family, float(vae.first_stage_model.vae_scale), f"Atelier Mini {family}")
+        register_vae_scale(family, float(vae.first_stage_model.vae_scale.detach()), f"Atelier Mini {family}")
     except (RuntimeError, KeyError) as e:
         raise MiniWeightsError(f"Atelier Mini: {path or weights_path(family)} does not fit the {family} "
                                f"family ({str(e)[:300]}). Fix: {_fix(family)}.") from e
