@@ -19,6 +19,26 @@ if str(TESTS) not in sys.path:
 
 from atelier_testlib import IN_CI, ROOT, comfy_env, load_tool  # noqa: E402,F401
 
+
+SLOW_ENV = "ATELIER_SLOW"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long training/benchmark-like tests; run with ATELIER_SLOW=1 "
+                                       "(python3 tools/atelier.py test --slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``@pytest.mark.slow`` run only with ATELIER_SLOW=1 (the suite stays inside ~10 min on
+    2 cores); they are skipped with a reason that says how to run them, and counted in the last line."""
+    import os
+    if os.environ.get(SLOW_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"slow test: run with {SLOW_ENV}=1 (python3 tools/atelier.py test --slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 @pytest.fixture(scope="session")
 def comfy_path() -> Path:
     try:
