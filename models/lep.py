@@ -420,8 +420,10 @@ def rasterize_strokes(width: int, height: int, strokes: Iterable[dict]) -> np.nd
             pts = np.concatenate([pts, pts])
         val = s["mode"] == "draw"
         for a, b in zip(pts[:-1], pts[1:]):
-            x0 = int(max(math.floor(min(a[0], b[0]) - r), 0)); x1 = int(min(math.ceil(max(a[0], b[0]) + r), width))
-            y0 = int(max(math.floor(min(a[1], b[1]) - r), 0)); y1 = int(min(math.ceil(max(a[1], b[1]) + r), height))
+            x0 = int(max(math.floor(min(a[0], b[0]) - r), 0))
+            x1 = int(min(math.ceil(max(a[0], b[0]) + r), width))
+            y0 = int(max(math.floor(min(a[1], b[1]) - r), 0))
+            y1 = int(min(math.ceil(max(a[1], b[1]) + r), height))
             if x0 >= x1 or y0 >= y1:
                 continue
             yy, xx = np.mgrid[y0:y1, x0:x1]
