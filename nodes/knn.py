@@ -219,7 +219,8 @@ class AtelierWorldFolder(io.ComfyNode):
                                 tooltip="Comma-separated shapes: " + ", ".join(world.SHAPES) + ". Empty: all."),
                 io.Int.Input("count", default=48, min=1, max=knn_world.MAX_COUNT, tooltip="Number of images."),
                 io.Int.Input("size", default=128, min=32, max=1024, step=8, tooltip="Side of the images in pixels."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the generated world."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the generated world."),
             ],
             outputs=[
                 io.String.Output("image_folder", display_name="folder",

@@ -67,7 +67,7 @@ class AtelierWorldSample(io.ComfyNode):
                 "resolutions. Use it as a reference, a sketch (edges) or a region (masks) for the metric nodes."
             ),
             inputs=[
-                io.Int.Input("seed", default=0, min=0, max=MAX_SEED,
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=False,
                              tooltip="Seed of the world. Sample i of a seed never changes."),
                 io.Int.Input("index", default=0, min=0, max=2**31 - 1,
                              tooltip="Which sample of the seed's stream to draw (any index, in any order)."),

@@ -734,7 +734,8 @@ class AtelierTrainLEP(io.ComfyNode):
                                      "model's native size (512 SD1.5, 1024 SDXL)."),
                 io.Combo.Input("edge_method", options=["canny", "sobel"], default="canny",
                                tooltip="How the target edge maps are computed from the images."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of batches, timesteps and noise."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of batches, timesteps and noise."),
                 io.Boolean.Input("resume", default=True,
                                  tooltip="Continue from models/atelier/lep_resume/<name>.safetensors if present; "
                                          "if <name> is already trained (same model family, folder, size, at least "

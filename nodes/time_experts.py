@@ -544,7 +544,7 @@ class AtelierTimeRouter(io.ComfyNode):
                 io.Float.Input("gate_noise", default=0.0, min=0.0, max=10.0, step=0.01,
                                tooltip="Std of the noise added to the gate's logits at sampling (RAPHAEL's "
                                        "'+ noise'); 0 = deterministic."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the calibration noise and of the gate noise."),
             ],
             outputs=[

@@ -30,7 +30,7 @@ class AtelierTinyCheckpointLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("family", options=sorted(tiny_family.FAMILIES), default="sd15",
                                tooltip="Which topology and latent format to imitate: sd15 (64 px native) or sdxl (128 px native)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the random weights. Two seeds give two different models of one family, "
                                      "e.g. two experts."),
             ],
@@ -61,7 +61,7 @@ class AtelierTinyUnCLIPCheckpointLoader(io.ComfyNode):
                 "without downloading weights."
             ),
             inputs=[
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the random weights. Same seed, same weights."),
             ],
             outputs=[
@@ -88,7 +88,7 @@ class AtelierKNNTinyOpenCLIPLoader(io.ComfyNode):
                         "into 32 dimensions like the tiny unCLIP model reads. Its neighbours are arbitrary: it "
                         "exists to try the kNN workflows and run tests without downloading weights; tiny mode "
                         "puts it in place of Atelier kNN open_clip Loader.",
-            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                                  tooltip="Seed of the random weights. An index built with one seed is queried "
                                          "with the same seed.")],
             outputs=[Embedder.Output("embedder", tooltip="Embedding model for the kNN nodes.")],

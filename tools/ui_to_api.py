@@ -2,8 +2,9 @@
 
 The mapping of ``widgets_values`` to input names comes from the live node definitions
 (``INPUT_TYPES()`` of the registered classes), in the order the frontend creates widgets:
-required then optional inputs; an INT/FLOAT with ``control_after_generate`` and a COMBO with an
-upload button each own one extra value. Reroutes, primitive nodes, notes, muted (mode 2) and
+required then optional inputs; an INT with ``control_after_generate`` (and an INT named seed or
+noise_seed that does not say, as the frontend does: ``has_control``) and a COMBO with an upload button each
+own one extra value. Reroutes, primitive nodes, notes, muted (mode 2) and
 bypassed (mode 4) nodes are resolved the way the frontend resolves them when it queues.
 """
 from __future__ import annotations
@@ -27,11 +28,26 @@ def _is_widget(spec) -> bool:
     return isinstance(typ, list) or typ in WIDGET_TYPES
 
 
-def _extra_values(spec) -> int:
+# The frontend's legacy rule: an INT named like this gets a control widget unless its input says otherwise.
+SEED_NAMES = ("seed", "noise_seed")
+
+
+def has_control(name: str, spec) -> bool:
+    """Does the frontend add a 'control after generate' widget (one more widgets_values entry) after this input?
+    Yes when the input asks for it; for an INT named seed/noise_seed also when it does not say
+    (``control_after_generate`` absent), as ComfyUI's frontend does."""
     typ = spec[0]
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if typ != "INT":  # the frontend's FLOAT widget has no control (COMBO controls are not used here)
+        return False
+    control = opts.get("control_after_generate")
+    return name in SEED_NAMES if control is None else bool(control)
+
+
+def _extra_values(spec, name: str = "") -> int:
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     n = 0
-    if typ in ("INT", "FLOAT") and (opts.get("control_after_generate")):
+    if has_control(name, spec):
         n += 1
     if any(opts.get(f) for f in UPLOAD_FLAGS):
         n += 1
@@ -113,7 +129,7 @@ def convert(workflow: dict, class_mappings: dict) -> dict:
                     continue
                 if i < len(values):
                     inputs[name] = values[i]
-                i += 1 + _extra_values(spec)
+                i += 1 + _extra_values(spec, name)
         for inp in node.get("inputs") or []:
             src = source_of(inp.get("link"))
             if src is None:

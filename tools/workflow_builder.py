@@ -89,8 +89,8 @@ class WorkflowBuilder:
                     value = _default(spec)  # a linked widget keeps its slot, as in the frontend
                 widgets.append(value)
                 opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-                if spec[0] in ("INT", "FLOAT") and opts.get("control_after_generate"):
-                    widgets.append("fixed")
+                if ui_to_api.has_control(name, spec):
+                    widgets.append("fixed")  # the frontend's control widget: examples keep their seeds
                 if any(opts.get(f) for f in ui_to_api.UPLOAD_FLAGS):
                     widgets.append("image")
         out_types = _output_types(cls)
