@@ -129,3 +129,21 @@ def test_shipped_tools_are_complete(packed):
         if f.startswith(("nodes/", "models/")) and f.endswith(".py"):
             named |= set(re.findall(r"tools/(\w+)\.py", (ROOT / f).read_text()))
     assert named and named <= tools, f"error messages name tools the archive leaves out: {sorted(named - tools)}"
+
+
+def test_readme_models_table_names_every_file_a_workflow_names():
+    """Every model file an example workflow loads is a row of the README's Models table (file, folder)."""
+    import json
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Models\n", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([^`]+)` \|.*?\| `(ComfyUI/models/[^`]+)` \|",
+                                                            section, re.M)}
+    named = set()
+    for wf in sorted((ROOT / "workflows").glob("*.json")):
+        for node in json.loads(wf.read_text())["nodes"]:
+            for v in node.get("widgets_values") or []:
+                if isinstance(v, str) and re.fullmatch(r"[\w.+-]+\.(safetensors|ckpt|pt|pth|bin|gguf|sft)", v):
+                    named.add(v)
+    assert named, "no model file found in workflows/"
+    missing = sorted(named - set(rows))
+    assert not missing, f"README's Models table lacks {missing}"
