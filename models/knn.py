@@ -62,6 +62,7 @@ __all__ = [
     "file_fingerprint",
     "knn_index",
     "load_open_clip",
+    "open_database",
     "neighbour_weights",
     "safe_join",
     "scan_folder",
@@ -155,6 +156,37 @@ def _read_image(path: Path, size: int) -> tuple[bytes | None, Image.Image | None
         return data, None, f"broken image ({type(e).__name__}: {e})"
 
 
+def _is_milvus(target) -> bool:
+    return type(target).__name__ == "MilvusTarget"
+
+
+def check_image_folder(folder: str | os.PathLike) -> Path:
+    """The resolved image folder of a build, or the error naming the `folder` input."""
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise KNNError(f"folder: Image folder not found: {folder}; check the name (relative to ComfyUI's input "
+                       "folder)", "folder")
+    if not folder.is_dir():
+        raise KNNError(f"folder: Not a folder: {folder}; give the folder that holds the images", "folder")
+    return folder.resolve()
+
+
+def no_images_error(folder: Path, scan_skipped: list) -> KNNError:
+    extra = f" ({len(scan_skipped)} skipped: " + "; ".join(f"{p} ({r})" for p, r in scan_skipped[:5]) + ")" \
+        if scan_skipped else ""
+    return KNNError(f"folder: No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {folder} or its "
+                    f"subfolders{extra}; put the images there, or pick the folder that holds them", "folder")
+
+
+def open_database(target, mmap: bool | str = "auto", input_name: str = "database"):
+    """A committed database for queries: a faiss index folder (KNNIndex) or a Milvus collection
+    (knn_milvus.MilvusTarget -> knn_milvus.MilvusIndex); both have the same query interface."""
+    if _is_milvus(target):
+        from . import knn_milvus
+        return knn_milvus.MilvusIndex(target)
+    return KNNIndex(target, mmap=mmap, input_name=input_name)
+
+
 def build_index(folder: str | os.PathLike, index_dir: str | os.PathLike, embedder: Embedder,
                 kind: str = "auto", index_params: dict | None = None, batch_size: int = 16,
                 progress: Progress | None = None, cancel: Cancel | None = None,
@@ -172,14 +204,13 @@ def build_index(folder: str | os.PathLike, index_dir: str | os.PathLike, embedde
     then, and after a failed or cancelled rebuild, the old index stays loadable as it was.
     A build that fails leaving nothing worth keeping leaves no index folder behind.
     `name_input` / `switch` name the index input and the rebuild switch in messages (node or CLI)."""
+    if _is_milvus(index_dir):  # the same build on a Milvus collection (models/knn_milvus.py)
+        from . import knn_milvus
+        return knn_milvus.build_collection(folder, index_dir, embedder, kind=kind, index_overrides=index_params,
+                                           batch_size=batch_size, progress=progress, cancel=cancel, rebuild=rebuild,
+                                           name_input=name_input, switch=switch)
     t0 = time.perf_counter()
-    folder = Path(folder).expanduser()
-    if not folder.exists():
-        raise KNNError(f"folder: Image folder not found: {folder}; check the name (relative to ComfyUI's input "
-                       "folder)", "folder")
-    if not folder.is_dir():
-        raise KNNError(f"folder: Not a folder: {folder}; give the folder that holds the images", "folder")
-    folder = folder.resolve()
+    folder = check_image_folder(folder)
     knn_index.choose_kind(0, kind)  # validate early
     meta = _embedder_meta(embedder)
     main = IndexStore(Path(index_dir).expanduser(), name_input)
@@ -241,10 +272,7 @@ def _build_locked(main: IndexStore, folder: Path, embedder: Embedder, meta: dict
     files, scan_skipped = scan_folder(folder, exclude=main.dir)
     report.files = len(files) + len(scan_skipped)
     if not files:
-        extra = f" ({len(scan_skipped)} skipped: " + "; ".join(f"{p} ({r})" for p, r in scan_skipped[:5]) + ")" \
-            if scan_skipped else ""
-        raise KNNError(f"folder: No images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {folder} or its "
-                       f"subfolders{extra}; put the images there, or pick the folder that holds them", "folder")
+        raise no_images_error(folder, scan_skipped)
     resumed = bool(store.journal)
     good, bad = store.known()
     todo, skipped = [], list(scan_skipped)
@@ -424,7 +452,38 @@ def _physical_memory() -> int | None:
         return None
 
 
-class KNNIndex:
+class QueryMixin:
+    """What both backends' opened databases share: the embedder check and text/image queries on top of their
+    own ``search(query, k, nprobe)``, ``load_image(row)``, ``manifest``, ``name``."""
+
+    backend = "faiss"
+
+    def check_embedder(self, embedder: Embedder, strict: bool = True) -> None:
+        _check_compatible(self.manifest, _embedder_meta(embedder), self.name, building=False, strict=strict)
+
+    def query_text(self, embedder: Embedder, text: str, k: int, strict: bool = True, **kw) -> Neighbours:
+        self.check_embedder(embedder, strict)
+        if not text.strip():
+            raise KNNError("The text query is empty.")
+        return self.search(embedder.embed_texts([text])[0], k, **kw)
+
+    def query_image(self, embedder: Embedder, image, k: int, strict: bool = True, **kw) -> Neighbours:
+        """`image`: a PIL image, an (H, W, C) array/tensor, or a (1, H, W, C) ComfyUI IMAGE."""
+        self.check_embedder(embedder, strict)
+        return self.search(embedder.embed_images([image])[0], k, **kw)
+
+
+def open_neighbour(root: str, rel: str) -> Image.Image:
+    path = safe_join(root, rel)
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise KNNError(f"Cannot open neighbour image {path} ({e}); it moved or changed since the index was "
+                       "built. Rebuild the index (unchanged files are not re-embedded).") from e
+
+
+class KNNIndex(QueryMixin):
     """A committed index, opened read-only. `mmap`: True, False or "auto" (memory-map the faiss index
     when it is larger than half the physical RAM; the embeddings are always memory-mapped)."""
 
@@ -464,9 +523,6 @@ class KNNIndex:
     def __len__(self) -> int:
         return len(self.files)
 
-    def check_embedder(self, embedder: Embedder, strict: bool = True) -> None:
-        _check_compatible(self.manifest, _embedder_meta(embedder), self.name, building=False, strict=strict)
-
     def search(self, query: np.ndarray, k: int, nprobe: int | None = None) -> Neighbours:
         """Nearest neighbours of one raw query embedding (dim,)."""
         q = np.asarray(query, dtype=np.float32).reshape(-1)
@@ -485,25 +541,8 @@ class KNNIndex:
         return Neighbours(ids=ids, scores=scores.astype(np.float32), paths=[self.files[i]["path"] for i in ids],
                           embeddings=raw.astype(np.float32), query=q, root=self.root)
 
-    def query_text(self, embedder: Embedder, text: str, k: int, strict: bool = True, **kw) -> Neighbours:
-        self.check_embedder(embedder, strict)
-        if not text.strip():
-            raise KNNError("The text query is empty.")
-        return self.search(embedder.embed_texts([text])[0], k, **kw)
-
-    def query_image(self, embedder: Embedder, image, k: int, strict: bool = True, **kw) -> Neighbours:
-        """`image`: a PIL image, an (H, W, C) array/tensor, or a (1, H, W, C) ComfyUI IMAGE."""
-        self.check_embedder(embedder, strict)
-        return self.search(embedder.embed_images([image])[0], k, **kw)
-
     def load_image(self, row: int) -> Image.Image:
-        path = safe_join(self.root, self.files[row]["path"])
-        try:
-            with Image.open(path) as im:
-                return ImageOps.exif_transpose(im).convert("RGB")
-        except (OSError, ValueError) as e:
-            raise KNNError(f"Cannot open neighbour image {path} ({e}); it moved or changed since the index was "
-                           "built. Rebuild the index (unchanged files are not re-embedded).") from e
+        return open_neighbour(self.root, self.files[row]["path"])
 
 
 def neighbour_weights(scores: np.ndarray, temperature: float) -> np.ndarray:
