@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 import comfy.latent_formats
+import comfy.model_base
 import comfy.model_management as mm
 import folder_paths
 
@@ -117,11 +118,16 @@ class Family:
     label: str = ""
     #: the side in pixels the family was trained at (a model_config may declare its own: ``atelier_native_px``)
     native_px: int = 512
-    #: where a technique reads or steers text→image attention: "unet-cross" (SD1.5/SDXL attn2 patches);
-    #: the DiT families add "dit-cross" (PixArt) and "mmdit-joint" (Flux, SD3); None: not supported yet
+    #: where a technique reads or steers text→image attention: "unet-cross" (SD1.5/SDXL: UNet attn2
+    #: cross-attention, attn2 patches); "dit-cross" (PixArt: a DiT whose blocks cross-attend to T5 tokens,
+    #: ``diffusion_model.blocks[i].cross_attn``); "mmdit-joint" (Flux, SD3: text and image tokens in one
+    #: joint attention, Flux double/single blocks, SD3 joint_blocks); None: not supported yet
     attention: str | None = None
     #: the denoiser layers whose activations feed the latent edge predictor (models/lep.LAYERS), or ()
     lep_layers: tuple = ()
+    #: ComfyUI model classes (``comfy.model_base``) that tell this family from another one sharing its latent
+    #: format (PixArt-Σ draws in SDXL's latent space); () matches any model of the latent format
+    model_types: tuple = ()
 
 
 FAMILIES: dict[str, Family] = {
@@ -129,8 +135,10 @@ FAMILIES: dict[str, Family] = {
                    LEP_LAYERS["sd15"]),
     "sdxl": Family("sdxl", comfy.latent_formats.SDXL, 4, {0.13025: "TAESDXL"}, "SDXL", 1024, "unet-cross",
                    LEP_LAYERS["sdxl"]),
-    "sd3": Family("sd3", comfy.latent_formats.SD3, 16, {1.5305: "TAESD3"}, "SD3", 1024),
-    "flux": Family("flux", comfy.latent_formats.Flux, 16, {0.3611: "TAEF1"}, "Flux", 1024),
+    "pixart": Family("pixart", comfy.latent_formats.SDXL, 4, {}, "PixArt-Σ", 1024, "dit-cross", (),
+                     (comfy.model_base.PixArt,)),
+    "sd3": Family("sd3", comfy.latent_formats.SD3, 16, {1.5305: "TAESD3"}, "SD3", 1024, "mmdit-joint", ()),
+    "flux": Family("flux", comfy.latent_formats.Flux, 16, {0.3611: "TAEF1"}, "Flux", 1024, "mmdit-joint", ()),
 }
 
 
@@ -153,16 +161,23 @@ def register_vae_scale(family: str, scale: float, source: str) -> None:
 
 def family_row(model) -> Family | None:
     """The family of a MODEL, from its latent format (exact class, so subclasses such as SDXL's
-    Playground format are not mistaken for SDXL), or None."""
-    fmt = getattr(getattr(model, "model", None), "latent_format", None)
+    Playground format are not mistaken for SDXL) and, where two families share a latent format
+    (SDXL, PixArt-Σ), the row whose ``model_types`` the model's ComfyUI class is; or None."""
+    base = getattr(model, "model", None)
+    fmt = getattr(base, "latent_format", None)
+    generic = None
     for fam in FAMILIES.values():
-        if type(fmt) is fam.latent_format:
+        if type(fmt) is not fam.latent_format:
+            continue
+        if fam.model_types and isinstance(base, fam.model_types):
             return fam
-    return None
+        if not fam.model_types and generic is None:
+            generic = fam
+    return generic
 
 
 def family_of(model) -> str | None:
-    """'sd15' / 'sdxl' / 'sd3' / 'flux' / None for a MODEL (real files, tiny and Mini alike)."""
+    """'sd15' / 'sdxl' / 'pixart' / 'sd3' / 'flux' / None for a MODEL (real files, tiny and Mini alike)."""
     row = family_row(model)
     return row.name if row else None
 
@@ -204,7 +219,8 @@ def check_vae(model, vae, model_input: str = "model", vae_input: str = "vae") ->
     if vae_downscale(vae) is None:
         raise fail(vae_input, "not an image VAE with a fixed downscale factor", "connect an image VAE")
     fam_v = vae_family(vae)
-    if fam_v is not None and row is not None and fam_v != row.name:
+    # a VAE belongs to a latent space: families sharing one (sdxl, pixart) share their VAEs
+    if fam_v is not None and row is not None and FAMILIES[fam_v].latent_format is not row.latent_format:
         raise fail(vae_input, f"this is a {FAMILIES[fam_v].label} VAE but {model_input} is {label}",
                    f"connect the VAE of {model_input}'s own checkpoint (mixed up two models?)")
 
@@ -214,7 +230,7 @@ def check_same_family(base, other, base_input: str, other_input: str, why: str =
     fa, fb = family_row(base), family_row(other)
     la = fa.label if fa else type(base.model.latent_format).__name__
     lb = fb.label if fb else type(other.model.latent_format).__name__
-    if type(base.model.latent_format) is not type(other.model.latent_format):
+    if type(base.model.latent_format) is not type(other.model.latent_format) or (fa and fb and fa is not fb):
         raise fail(other_input, f"its model family ({lb}) differs from {base_input}'s ({la})",
                    why or f"use a model of the {la} family")
     ca, cb = _context_dim(base), _context_dim(other)

@@ -23,13 +23,17 @@ class AtelierTinyCheckpointLoader(io.ComfyNode):
             display_name="Atelier Tiny Checkpoint (test model)",
             category="atelier/loaders",
             description=(
-                "Builds a tiny model with seeded random weights and the real SD1.5 or SDXL block layout, "
-                "tokenizer and latent format. It draws noise-like pictures: it exists to try workflows and "
-                "run tests without downloading weights. Same seed, same weights."
+                "Builds a tiny model with seeded random weights and the real block layout, tokenizers and latent "
+                "format of SD1.5, SDXL (UNets), PixArt-Σ (DiT), Flux.1 dev / schnell or SD3.5 (flow-matching "
+                "MMDiTs). It draws noise-like pictures: it exists to try workflows and run tests without "
+                "downloading weights. Same seed, same weights."
             ),
             inputs=[
                 io.Combo.Input("family", options=sorted(tiny_family.FAMILIES), default="sd15",
-                               tooltip="Which topology and latent format to imitate: sd15 (64 px native) or sdxl (128 px native)."),
+                               tooltip="Which topology and latent format to imitate: sd15 (64 px native), sdxl (128 px), "
+                                       "pixart (PixArt-Σ, SDXL latents, 320 px), flux (Flux.1 dev, guidance "
+                                       "embedding), flux_schnell (no guidance embedding) or sd3 (SD3.5); the flux "
+                                       "and sd3 families use 16-channel latents (Empty SD3 Latent Image), 128 px."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the random weights. Two seeds give two different models of one family, "
                                      "e.g. two experts."),
@@ -37,7 +41,7 @@ class AtelierTinyCheckpointLoader(io.ComfyNode):
             outputs=[
                 io.Model.Output(tooltip="The tiny diffusion model."),
                 io.Clip.Output(tooltip="The tiny text encoder with the real tokenizer."),
-                io.Vae.Output(tooltip="A TAESD-type VAE (8x downscale, 4 latent channels)."),
+                io.Vae.Output(tooltip="A TAESD-type VAE (8x downscale; 4 latent channels, 16 for flux and sd3)."),
             ],
         )
 

@@ -1,8 +1,10 @@
-"""Tiny SD1.5- and SDXL-topology model families built from seeded random weights.
+"""Tiny model families built from seeded random weights: SD1.5, SDXL (UNets), PixArt-Σ (DiT),
+Flux.1 dev / schnell and SD3.5 (flow-matching MMDiTs).
 
-Glue between ComfyUI's own classes (the same ones CheckpointLoaderSimple builds) and a narrow
-configuration. The block layout (input/middle/output indices) is that of the real model, so
-every hook Atelier installs sees the same block numbers it sees on a real SD1.5/SDXL file.
+Glue between ComfyUI's own classes (the same ones CheckpointLoaderSimple / UNETLoader build) and a
+narrow configuration. The block layout (input/middle/output indices, DiT/double/single/joint blocks)
+is that of the real model, so every hook Atelier installs sees the same block numbers and module
+names it sees on a real file.
 
 Family facts (``FAMILIES``):
   sd15: UNet model_channels 32, channel_mult 1,2,4,4, 2 res blocks, 1 transformer per attention
@@ -12,24 +14,53 @@ Family facts (``FAMILIES``):
         projections, context 64 (= CLIP-L 32 + CLIP-G 32, 3 layers each, real tokenizers),
         ADM 32 pooled + 6x256 size embedding, SDXL latent format (scale 0.13025), its own TAESD.
         Native 128 px.
+  pixart: ``comfy.supported_models.PixArtSigma`` / ``model_base.PixArt`` / ``PixArtMS`` (self-attention,
+        cross-attention to T5 tokens, AdaLN-single ``t_block``): hidden 96, 3 heads, depth 2, patch 2,
+        caption 64 (T5-shaped encoder: ComfyUI's PixArt T5 wrapper, 2 layers, d_model 64, gated-GELU,
+        the real T5 sentencepiece tokenizer), model_max_length 300 (Σ), no micro-conditioning (Σ);
+        SDXL latent format, the tiny sdxl TAESD-type VAE (PixArt-Σ uses the SDXL VAE). EPS, linear betas.
+        Native 320 px: ComfyUI's PixArtMS divides by zero on latents under 33 px (images under 264 px). ComfyUI's PixArtMS does not pass transformer_options to its blocks: techniques
+        reach PixArt blocks by module (forward hooks on ``diffusion_model.blocks[i]``) or wrappers.
+  flux / flux_schnell: ``supported_models.Flux`` / ``FluxSchnell``, ``comfy.ldm.flux.model.Flux``:
+        hidden 64, 2 heads (axes_dim 4+14+14 = 32 = hidden/heads; real 16+56+56 = 128), 2 double-stream
+        + 2 single-stream blocks, RoPE, qkv bias, ``guidance_embed`` True for flux (FluxGuidance acts),
+        False for flux_schnell; context 64 (T5-shaped, 2 layers, d_model 64, padded to 256 tokens as
+        Flux's tokenizer does), vec 64 (CLIP-L-shaped pooled, 1 layer, width 64, real SD1 tokenizer);
+        Flux latent format (16 ch, scale 0.3611, shift 0.1159), a 16-channel TAESD (TAEF1-type) VAE.
+        flux: ModelSamplingFlux (shift from the image size, ModelSamplingFlux node); schnell: flow,
+        shift 1.0. Native 128 px (16x16 latent, 8x8 patches).
+  sd3:  ``supported_models.SD3`` / ``model_base.SD3`` / MMDiT (joint attention), depth 2 (ComfyUI's
+        MMDiT derives hidden = 64*depth = 128, heads = depth = 2), patch 2, RMS q/k norm (SD3.5),
+        pos_embed buffer of 64x64 patches (sin-cos, as stored in real files), context_embedder
+        4096 -> 128 (the real SD3 context width: ComfyUI pads CLIP-L+G to 4096; the tiny T5 output is
+        zero-padded to 4096 the same way), y_embedder 64 (pooled CLIP-L 32 + CLIP-G 32); CLIP-L-,
+        CLIP-G- and T5-shaped encoders with the real tokenizers; SD3 latent format (16 ch, scale
+        1.5305, shift 0.0609), a 16-channel TAESD (TAESD3-type) VAE; ModelSamplingDiscreteFlow
+        shift 3.0. Native 128 px.
+
+The DiT/MMDiT families (and only they) go through ComfyUI's real loaders too: ``write_diffusion_model``
+writes a diffusion-model file in the published key layout that core UNETLoader detects (see its
+docstring for where ComfyUI's detection hard-codes full-size widths).
 """
 from __future__ import annotations
 
 import torch
 
-import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.sd
 import comfy.sd1_clip
 import comfy.sdxl_clip
 import comfy.supported_models
+import comfy.text_encoders.flux
+import comfy.text_encoders.pixart_t5
+import comfy.text_encoders.sd3_clip
 import comfy.supported_models_base
 import comfy.taesd.taesd
 import comfy.utils
 
 from ..models.seeded_init import seeded_init_
-from .glue import register_vae_scale
+from .glue import family_of as glue_family_of, register_vae_scale
 
 _SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
@@ -67,6 +98,80 @@ class TinySDXL(comfy.supported_models.SDXL):
     unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
 
 
+# ----------------------------------------------------------------------------- DiT / MMDiT families
+
+# T5-shaped encoder (the T5-XXL layout: gated GELU, relative position buckets; 2 layers at d_model 64).
+_T5_SMALL = {"d_ff": 128, "d_kv": 32, "d_model": 64, "num_heads": 2, "num_layers": 2}
+T5_WIDTH = _T5_SMALL["d_model"]
+SD3_CONTEXT = 4096  # the width ComfyUI's SD3 text encoder pads every stream to
+
+_PIXART_DIT = {
+    "image_model": "pixart_sigma", "input_size": 16, "patch_size": 2, "in_channels": 4,
+    "hidden_size": 96, "num_heads": 3, "depth": 2, "caption_channels": T5_WIDTH,
+    "model_max_length": 300, "micro_condition": False, "pe_interpolation": None,
+}
+
+_FLUX_DIT = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
+    "vec_in_dim": 64, "context_in_dim": T5_WIDTH, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2,
+    "depth": 2, "depth_single_blocks": 2, "axes_dim": [4, 14, 14], "theta": 10000, "qkv_bias": True,
+    "guidance_embed": True,
+}
+
+_SD3_POS_GRID = 64  # pos_embed covers 64x64 patches: up to 1024 px at patch 2
+
+_SD3_MMDIT = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+    "adm_in_channels": 64, "pos_embed_scaling_factor": None,
+    "context_embedder_config": {"target": "torch.nn.Linear",
+                                "params": {"in_features": SD3_CONTEXT, "out_features": 64 * 2}},
+    "num_patches": _SD3_POS_GRID * _SD3_POS_GRID, "pos_embed_max_size": _SD3_POS_GRID,
+    "qk_norm": "rms", "x_block_self_attn_layers": [],
+}
+
+
+class TinyPixArtSigma(comfy.supported_models.PixArtSigma):
+    # ComfyUI's PixArtMS takes its position-embedding base size as round(latent side / 64) * 64: a latent
+    # under 33 px (an image under 264 px) divides by zero, so the smallest round size that draws is 320 px.
+    atelier_native_px = 320
+    unet_config = dict(_PIXART_DIT)
+
+
+class TinyFlux(comfy.supported_models.Flux):
+    atelier_native_px = 128
+    unet_config = dict(_FLUX_DIT)
+
+
+class TinyFluxSchnell(comfy.supported_models.FluxSchnell):
+    atelier_native_px = 128
+    unet_config = dict(_FLUX_DIT, guidance_embed=False)
+
+
+class TinySD3(comfy.supported_models.SD3):
+    atelier_native_px = 128
+    unet_config = dict(_SD3_MMDIT)
+
+
+class _PaddedT5XXL(comfy.text_encoders.sd3_clip.T5XXLModel):
+    """The T5-shaped encoder of tiny sd3: its tokens zero-padded to SD3's 4096-wide context, as ComfyUI pads
+    the CLIP-L/G tokens (SD3ClipModel concatenates both along the token axis, so widths must agree)."""
+
+    def encode_token_weights(self, token_weight_pairs):
+        out = super().encode_token_weights(token_weight_pairs)
+        return (torch.nn.functional.pad(out[0], (0, SD3_CONTEXT - out[0].shape[-1])),) + tuple(out[1:])
+
+
+class TinySD3ClipModel(comfy.text_encoders.sd3_clip.SD3ClipModel):
+    """ComfyUI's SD3 text encoder (CLIP-L + CLIP-G + T5) with the tiny T5 padded to the SD3 context width."""
+
+    def __init__(self, device="cpu", dtype=None, model_options={}):
+        super().__init__(clip_l=True, clip_g=True, t5=False, device=device, dtype=dtype, model_options=model_options)
+        self.t5_attention_mask = False
+        self.t5xxl = _PaddedT5XXL(device=device, dtype=dtype, model_options=model_options)
+        self.dtypes.add(dtype)
+
+
+
 FAMILIES = {
     "sd15": {
         "config": TinySD15,
@@ -88,17 +193,58 @@ FAMILIES = {
         "native_px": 128,
         "latent_format": "SDXL",
     },
+    "pixart": {
+        "config": TinyPixArtSigma,
+        "clip_target": (comfy.text_encoders.pixart_t5.PixArtTokenizer, comfy.text_encoders.pixart_t5.PixArtT5XXL),
+        "clip_options": {"t5xxl_model_config": dict(_T5_SMALL)},
+        "vae_scale": 0.75,  # the tiny sdxl VAE: PixArt-Σ draws in the SDXL latent space with the SDXL VAE
+        "vae_family": "sdxl",
+        "native_px": 320,
+        "latent_format": "SDXL",
+    },
+    "flux": {
+        "config": TinyFlux,
+        "clip_target": (comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip()),
+        "clip_options": {"t5xxl_model_config": dict(_T5_SMALL),
+                         "clip_l_model_config": {**_CLIP_SMALL, "hidden_size": 64, "intermediate_size": 256,
+                                                 "num_hidden_layers": 1, "projection_dim": 64}},
+        "vae_scale": 0.5, "vae_shift": 0.1, "vae_channels": 16,
+        "native_px": 128,
+        "latent_format": "Flux",
+    },
+    "flux_schnell": {
+        "config": TinyFluxSchnell,
+        "clip_target": (comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip()),
+        "clip_options": {"t5xxl_model_config": dict(_T5_SMALL),
+                         "clip_l_model_config": {**_CLIP_SMALL, "hidden_size": 64, "intermediate_size": 256,
+                                                 "num_hidden_layers": 1, "projection_dim": 64}},
+        "vae_scale": 0.5, "vae_shift": 0.1, "vae_channels": 16,  # flux's VAE: one latent space
+        "vae_family": "flux",
+        "native_px": 128,
+        "latent_format": "Flux",
+    },
+    "sd3": {
+        "config": TinySD3,
+        "clip_target": (comfy.text_encoders.sd3_clip.SD3Tokenizer, TinySD3ClipModel),
+        "clip_options": {
+            "clip_l_model_config": {**_CLIP_SMALL, "hidden_size": 32, "num_hidden_layers": 3, "projection_dim": 32},
+            "clip_g_model_config": {**_CLIP_SMALL, "hidden_size": 32, "num_hidden_layers": 3, "projection_dim": 32},
+            "t5xxl_model_config": dict(_T5_SMALL),
+        },
+        "vae_scale": 0.6, "vae_shift": 0.05, "vae_channels": 16,
+        "native_px": 128,
+        "latent_format": "SD3",
+    },
 }
+
+#: the glue family (row of ``glue.FAMILIES``) of each tiny family: flux_schnell is a Flux model
+GLUE_FAMILY = {name: ("flux" if name == "flux_schnell" else name) for name in FAMILIES}
 
 
 def family_of(model_patcher) -> str | None:
-    """'sd15' / 'sdxl' / None from a MODEL's latent format (works for real files too)."""
-    fmt = model_patcher.model.latent_format
-    if isinstance(fmt, comfy.latent_formats.SDXL):
-        return "sdxl"
-    if isinstance(fmt, comfy.latent_formats.SD15):
-        return "sd15"
-    return None
+    """The glue family of a MODEL ('sd15' / 'sdxl' / 'pixart' / 'flux' / 'sd3' / None; flux_schnell is 'flux'),
+    as ``glue.family_of`` reads it (works for real files too)."""
+    return glue_family_of(model_patcher)
 
 
 def build_model(family: str, seed: int):
@@ -107,8 +253,24 @@ def build_model(family: str, seed: int):
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({})
     seeded_init_(model.diffusion_model, seed)
+    _init_buffers_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+@torch.no_grad()
+def _init_buffers_(dm, seed: int) -> None:
+    """Buffers that real files carry and ComfyUI fills with torch.empty or the global RNG: MMDiT's fixed
+    sin-cos ``pos_embed``, PixArt's learned null caption ``y_embedder.y_embedding`` (seeded here)."""
+    pos = getattr(dm, "pos_embed", None)
+    if torch.is_tensor(pos) and getattr(dm, "pos_embed_max_size", None):
+        from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+        grid = get_2d_sincos_pos_embed(pos.shape[-1], dm.pos_embed_max_size)
+        pos.copy_(torch.from_numpy(grid).reshape(pos.shape).to(pos.dtype))
+    null = getattr(getattr(dm, "y_embedder", None), "y_embedding", None)
+    if torch.is_tensor(null):
+        gen = torch.Generator().manual_seed(int(seed) + 7)
+        null.copy_(torch.randn(null.shape, generator=gen).div_(null.shape[-1] ** 0.5).to(null.dtype))
 
 
 def build_clip(family: str, seed: int):
@@ -119,21 +281,28 @@ def build_clip(family: str, seed: int):
     return clip
 
 
-def taesd_state_dict(seed: int, vae_scale: float = 1.0) -> dict:
-    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+def taesd_state_dict(seed: int, vae_scale: float = 1.0, latent_channels: int = 4, vae_shift: float = 0.0) -> dict:
+    """A seeded TAESD-type VAE's state dict (4 latent channels; 16 for the TAEF1/TAESD3-type VAEs of the
+    flux/sd3 families, which ComfyUI's VAE class recognises by ``taesd_decoder.1.weight``'s input width)."""
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
     seeded_init_(taesd, seed + 2)
     with torch.no_grad():
         taesd.vae_scale.fill_(vae_scale)
+        taesd.vae_shift.fill_(vae_shift)
     return {k: v.detach().clone() for k, v in taesd.state_dict().items()}
 
 
 def build_vae(family: str, seed: int):
-    return comfy.sd.VAE(sd=taesd_state_dict(seed, FAMILIES[family]["vae_scale"]))
+    spec = FAMILIES[family]
+    return comfy.sd.VAE(sd=taesd_state_dict(seed, spec["vae_scale"], spec.get("vae_channels", 4),
+                                            spec.get("vae_shift", 0.0)))
 
 
-# The tiny VAEs are TAESD-type: the family table knows them by the latent scale they record.
+# The tiny VAEs are TAESD-type: the family table knows them by the latent scale they record (a family that
+# shares another's latent space and VAE, pixart -> sdxl, flux_schnell -> flux, registers nothing new).
 for _fam, _spec in FAMILIES.items():
-    register_vae_scale(_fam, _spec["vae_scale"], f"Atelier tiny {_fam}")
+    if "vae_family" not in _spec:
+        register_vae_scale(GLUE_FAMILY[_fam], _spec["vae_scale"], f"Atelier tiny {_fam}")
 
 
 def build_family(family: str, seed: int = 0):
