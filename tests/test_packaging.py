@@ -81,7 +81,6 @@ def test_classifiers_pass_the_registry_checks():
     assert config.project.supported_os == ["OS Independent"]
 
 
-@pytest.mark.xfail(strict=True, reason="the LICENSE file is not written yet: its terms are the owners' choice")
 def test_license_file_named_in_pyproject_exists():
     lic = PYPROJECT["project"]["license"]
     assert "file" not in lic or (ROOT / lic["file"]).is_file()
