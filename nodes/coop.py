@@ -387,7 +387,7 @@ class AtelierCoopGuider(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AtelierCoopGuider",
-            display_name="Coop Guider (two models, two latent spaces)",
+            display_name="Atelier Coop Guider",
             category="atelier/coop",
             description=(
                 "PanGu-Draw Coop-Diffusion for SamplerCustomAdvanced: two models with different latent spaces "
@@ -437,7 +437,7 @@ class AtelierCoopSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AtelierCoopSampler",
-            display_name="Coop KSampler (two models, two latent spaces)",
+            display_name="Atelier Coop KSampler",
             category="atelier/coop",
             description=(
                 "A KSampler for two models with different latent spaces (e.g. SD1.5 + SDXL) that denoise one image "
@@ -556,7 +556,7 @@ class AtelierResolutionBridgeSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AtelierResolutionBridgeSampler",
-            display_name="Resolution Bridge Sampler (low-res model → high-res model)",
+            display_name="Atelier Resolution Bridge Sampler",
             category="atelier/coop",
             description=(
                 "Single-stage super-resolution (PanGu-Draw Coop-Diffusion): the low-resolution model denoises the "
@@ -608,7 +608,7 @@ class AtelierNoiseAwareLatentUpscale(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AtelierNoiseAwareLatentUpscale",
-            display_name="Noise-Aware Latent Upscale (leftover noise)",
+            display_name="Atelier Noise-Aware Latent Upscale",
             category="atelier/coop",
             description=(
                 "Upscales a partly denoised latent from KSamplerAdvanced (return_with_leftover_noise enabled) without "

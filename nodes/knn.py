@@ -160,7 +160,8 @@ class AtelierKNNOpenCLIPLoader(io.ComfyNode):
                                        "from the file's metadata or from a <name>.json / open_clip_config.json "
                                        "next to it."),
             ],
-            outputs=[Embedder.Output("embedder", tooltip="Embedding model for the kNN nodes.")],
+            outputs=[Embedder.Output("embedder", display_name="embedder",
+                                     tooltip="Embedding model for the kNN nodes.")],
         )
 
     @classmethod
@@ -185,7 +186,8 @@ class AtelierKNNCLIPVisionEmbedder(io.ComfyNode):
                         "It has no text tower, so such an index is queried by image.",
             inputs=[io.ClipVision.Input("clip_vision", tooltip="From Load CLIP Vision, e.g. clip_vision_h.safetensors "
                                                                "for SD2.1 unCLIP-h, clip_vision_g for SDXL revision.")],
-            outputs=[Embedder.Output("embedder", tooltip="Embedding model for the kNN nodes (image queries only).")],
+            outputs=[Embedder.Output("embedder", display_name="embedder",
+                                     tooltip="Embedding model for the kNN nodes (image queries only).")],
         )
 
     @classmethod
@@ -225,8 +227,8 @@ class AtelierWorldFolder(io.ComfyNode):
             outputs=[
                 io.String.Output("image_folder", display_name="folder",
                                  tooltip="The folder (as typed), for Atelier kNN Build Index."),
-                io.Image.Output("preview", tooltip="The first 16 images."),
-                io.String.Output("captions", tooltip="One caption per image, one per line."),
+                io.Image.Output("preview", display_name="preview", tooltip="The first 16 images."),
+                io.String.Output("captions", display_name="captions", tooltip="One caption per image, one per line."),
             ],
         )
 
@@ -289,8 +291,9 @@ class AtelierKNNBuildIndex(io.ComfyNode):
                 io.Int.Input("batch_size", default=16, min=1, max=512, tooltip="Images embedded per step; larger is "
                              "faster on a GPU and uses more memory."),
             ],
-            outputs=[Index.Output("index", tooltip="The built index, ready for Retrieve."),
-                     io.String.Output("report", tooltip="Counts, and the images that were skipped and why.")],
+            outputs=[Index.Output("index", display_name="index", tooltip="The built index, ready for Retrieve."),
+                     io.String.Output("report", display_name="report",
+                                      tooltip="Counts, and the images that were skipped and why.")],
             is_output_node=True,
         )
 
@@ -353,8 +356,8 @@ class AtelierKNNIndexLoader(io.ComfyNode):
                                tooltip="Map the index file instead of reading it into RAM. auto: only when it is "
                                        "larger than half the RAM."),
             ],
-            outputs=[Index.Output("index", tooltip="The opened index."),
-                     io.String.Output("info", tooltip="Images, embedding model, index type.")],
+            outputs=[Index.Output("index", display_name="index", tooltip="The opened index."),
+                     io.String.Output("info", display_name="info", tooltip="Images, embedding model, index type.")],
         )
 
     @classmethod
@@ -456,12 +459,15 @@ class AtelierKNNRetrieve(io.ComfyNode):
                                          "dimension). Only if you know both embed into the same space."),
             ],
             outputs=[
-                io.Image.Output("images", tooltip="The neighbours, best first."),
-                io.ClipVisionOutput.Output("clip_vision_output", tooltip="Their CLIP embeddings."),
-                Neighbours.Output("neighbours", tooltip="Neighbours, scores and embeddings for Atelier kNN "
+                io.Image.Output("images", display_name="images", tooltip="The neighbours, best first."),
+                io.ClipVisionOutput.Output("clip_vision_output", display_name="clip_vision_output",
+                                           tooltip="Their CLIP embeddings."),
+                Neighbours.Output("neighbours", display_name="neighbours",
+                                  tooltip="Neighbours, scores and embeddings for Atelier kNN "
                                                         "Conditioning."),
-                io.String.Output("report", tooltip="Rank, score and file of each neighbour."),
-                io.Float.Output("scores", tooltip="Cosine similarity of each neighbour (a list).",
+                io.String.Output("report", display_name="report", tooltip="Rank, score and file of each neighbour."),
+                io.Float.Output("scores", display_name="scores",
+                                tooltip="Cosine similarity of each neighbour (a list).",
                                 is_output_list=True),
             ],
         )

@@ -177,8 +177,8 @@ class AtelierSketchCanvas(io.ComfyNode):
                 io.String.Input("sketch", default="", multiline=True,
                                 tooltip="The drawing as JSON (written by the canvas; edit only to paste a drawing)."),
             ],
-            outputs=[io.Image.Output("image", tooltip="Black strokes on white, width x height."),
-                     io.Mask.Output("strokes", tooltip="1 where a stroke is.")],
+            outputs=[io.Image.Output("image", display_name="image", tooltip="Black strokes on white, width x height."),
+                     io.Mask.Output("strokes", display_name="strokes", tooltip="1 where a stroke is.")],
         )
 
     @classmethod
@@ -223,8 +223,8 @@ class AtelierSketchPreprocess(io.ComfyNode):
                                tooltip="thin: one pixel wide (Zhang-Suen); thicken: widen by thicken_px."),
                 io.Int.Input("thicken_px", default=1, min=0, max=32, tooltip="Radius added by 'thicken'."),
             ],
-            outputs=[io.Image.Output("edges", tooltip="White edges on black."),
-                     io.Mask.Output("mask", tooltip="1 on edges.")],
+            outputs=[io.Image.Output("edges", display_name="edges", tooltip="White edges on black."),
+                     io.Mask.Output("mask", display_name="mask", tooltip="1 on edges.")],
         )
 
     @classmethod
@@ -252,8 +252,8 @@ class AtelierImageToEdges(io.ComfyNode):
                 io.Float.Input("high", default=10.0, min=0.0, max=200.0, step=0.5,
                                tooltip="canny: upper threshold; sobel: high/50 is the fraction of the maximum."),
             ],
-            outputs=[io.Image.Output("edges", tooltip="White edges on black."),
-                     io.Mask.Output("mask", tooltip="1 on edges.")],
+            outputs=[io.Image.Output("edges", display_name="edges", tooltip="White edges on black."),
+                     io.Mask.Output("mask", display_name="mask", tooltip="1 on edges.")],
         )
 
     @classmethod
@@ -283,7 +283,7 @@ class AtelierLEPLoader(io.ComfyNode):
                         "the model family and layers it was trained on; Sketch Guidance refuses a mismatch.",
             inputs=[io.Combo.Input("lep_name", options=folder_paths.get_filename_list(FOLDER_LEP),
                                    tooltip="A file made by Atelier Train Latent Edge Predictor.")],
-            outputs=[LEP.Output("lep", tooltip="The predictor, for Sketch Guidance.")],
+            outputs=[LEP.Output("lep", display_name="lep", tooltip="The predictor, for Sketch Guidance.")],
         )
 
     @classmethod
@@ -749,8 +749,9 @@ class AtelierTrainLEP(io.ComfyNode):
                                          "model family, layers, folder or size, or a file that is not one) is "
                                          "refused and left untouched. On: replace it."),
             ],
-            outputs=[LEP.Output("lep", tooltip="The trained predictor."),
-                     io.String.Output("report", tooltip="Path, steps and loss; skipped files; ignored inputs.")],
+            outputs=[LEP.Output("lep", display_name="lep", tooltip="The trained predictor."),
+                     io.String.Output("report", display_name="report",
+                                      tooltip="Path, steps and loss; skipped files; ignored inputs.")],
             is_output_node=True,
         )
 

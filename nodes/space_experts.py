@@ -580,7 +580,8 @@ class AtelierSpaceExpert(io.ComfyNode):
                                tooltip="Optional weights of its own (same latent family): then the expert runs its "
                                        "own UNet pass on its region."),
             ],
-            outputs=[SpaceExperts.Output("bank", display_name="experts", tooltip="The bank of experts, this one last.")],
+            outputs=[SpaceExperts.Output("bank", display_name="experts",
+                                         tooltip="The bank of experts, this one last.")],
         )
 
     @classmethod
@@ -657,7 +658,8 @@ class AtelierRegionsFromColorMap(io.ComfyNode):
                 Regions.Input("regions", optional=True, tooltip="Regions so far; these are appended."),
             ],
             outputs=[Regions.Output("regions_out", display_name="regions", tooltip="Phrases and their masks."),
-                     io.Mask.Output("region_masks", display_name="masks", tooltip="The masks, one per phrase, for a preview.")],
+                     io.Mask.Output("region_masks", display_name="masks",
+                                    tooltip="The masks, one per phrase, for a preview.")],
         )
 
     @classmethod
@@ -767,8 +769,9 @@ class AtelierSpaceExperts(io.ComfyNode):
                                        "(0 = off)."),
             ],
             outputs=[io.Model.Output("patched_model", display_name="model", tooltip="The patched model."),
-                     io.Conditioning.Output("positive", tooltip="The prompt, encoded."),
-                     SpaceConfig.Output("space", tooltip="The configuration, for the Atelier MoE Sampler.")],
+                     io.Conditioning.Output("positive", display_name="positive", tooltip="The prompt, encoded."),
+                     SpaceConfig.Output("space", display_name="space",
+                                        tooltip="The configuration, for the Atelier MoE Sampler.")],
         )
 
     @classmethod
@@ -817,8 +820,9 @@ class AtelierPaintWithWords(io.ComfyNode):
                 *_common_inputs(),
             ],
             outputs=[io.Model.Output("patched_model", display_name="model", tooltip="The patched model."),
-                     io.Conditioning.Output("positive", tooltip="The prompt, encoded."),
-                     SpaceConfig.Output("space", tooltip="The configuration, for the Atelier MoE Sampler.")],
+                     io.Conditioning.Output("positive", display_name="positive", tooltip="The prompt, encoded."),
+                     SpaceConfig.Output("space", display_name="space",
+                                        tooltip="The configuration, for the Atelier MoE Sampler.")],
         )
 
     @classmethod
@@ -855,7 +859,7 @@ class AtelierMoESampler(io.ComfyNode):
         return io.Schema(
             node_id="AtelierMoESampler",
             display_name="Atelier MoE Sampler",
-            category="atelier/sampling",
+            category=CATEGORY,
             description=("A KSampler for mixtures of experts: takes a MODEL (time-routed by Atelier Time Experts or "
                          "not) and a space-expert configuration, samples, and draws the routes taken — which expert "
                          "painted which region at each block and step, and which time expert denoised each step — "
@@ -877,8 +881,9 @@ class AtelierMoESampler(io.ComfyNode):
                                           "Applied to the model unless the model already carries it."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the result under the routes picture."),
             ],
-            outputs=[io.Latent.Output("latent", tooltip="The denoised latent."),
-                     io.Image.Output("routes", tooltip="The routes taken, drawn over the output.")],
+            outputs=[io.Latent.Output("latent", display_name="latent", tooltip="The denoised latent."),
+                     io.Image.Output("routes", display_name="routes",
+                                     tooltip="The routes taken, drawn over the output.")],
         )
 
     @classmethod

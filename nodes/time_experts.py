@@ -40,6 +40,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.patcher_extension as pe
 import comfy.samplers
+import comfy.utils
 
 from ..models import time_experts as te
 from .glue import check_conditioning, conditioning_problem
@@ -48,7 +49,7 @@ from .glue import check_vae, fail, hook_key, reset_run_states
 
 log = logging.getLogger(__name__)
 
-CATEGORY = "atelier/time_experts"
+CATEGORY = "atelier/time"
 KEY = hook_key("time_experts")
 REC_KEY = hook_key("time_experts.record")
 MAX_EXPERTS = 4
@@ -451,7 +452,7 @@ class AtelierTimeExperts(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AtelierTimeExperts",
-            display_name="Atelier Time Experts (route by noise level)",
+            display_name="Atelier Time Experts",
             category=CATEGORY,
             description=(
                 "Combines 2-4 MODELs of one latent family into one MODEL that sends every denoising call to the "
@@ -476,9 +477,11 @@ class AtelierTimeExperts(io.ComfyNode):
                 io.Model.Input("model_4", optional=True, tooltip=_MODEL_TIP.format(i=4, p=3)),
             ],
             outputs=[
-                io.Model.Output("routed_model", tooltip="The routed MODEL: connect it to any sampler."),
-                Routes.Output("routes", tooltip="Route record (filled while sampling): connect to Atelier Draw Routes."),
-                io.String.Output("summary", tooltip="The boundaries as sigmas and timesteps."),
+                io.Model.Output("routed_model", display_name="routed_model",
+                                tooltip="The routed MODEL: connect it to any sampler."),
+                Routes.Output("routes", display_name="routes",
+                              tooltip="Route record (filled while sampling): connect to Atelier Draw Routes."),
+                io.String.Output("summary", display_name="summary", tooltip="The boundaries as sigmas and timesteps."),
             ],
         )
 
@@ -518,7 +521,7 @@ class AtelierTimeRouter(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AtelierTimeRouter",
-            display_name="Atelier Time Router (calibrated gate)",
+            display_name="Atelier Time Router",
             category=CATEGORY,
             description=(
                 "RAPHAEL-style time gate: replaces the fixed boundaries of a routed MODEL (from Atelier Time Experts) "
@@ -548,9 +551,11 @@ class AtelierTimeRouter(io.ComfyNode):
                              tooltip="Seed of the calibration noise and of the gate noise."),
             ],
             outputs=[
-                io.Model.Output("gated_model", tooltip="The routed MODEL with the calibrated gate."),
-                Routes.Output("routes", tooltip="Route record of the new MODEL."),
-                io.String.Output("report", tooltip="Per-level denoising error of each expert and the gate's choice."),
+                io.Model.Output("gated_model", display_name="gated_model",
+                                tooltip="The routed MODEL with the calibrated gate."),
+                Routes.Output("routes", display_name="routes", tooltip="Route record of the new MODEL."),
+                io.String.Output("report", display_name="report",
+                                 tooltip="Per-level denoising error of each expert and the gate's choice."),
             ],
         )
 
@@ -574,7 +579,8 @@ class AtelierTimeRouter(io.ComfyNode):
                 raise fail("latent", "the calibration latents contain NaN or infinite values",
                            "VAE Encode finite reference images (check the nodes before it)")
             sig = [te.timestep_to_sigma(float(t), state.sigma_table) for t in ts]
-            losses = torch.stack([measure_denoising_error(e, positive, latent["samples"], sig, seed)
+            pbar = comfy.utils.ProgressBar(len(state.experts) * len(sig))  # one tick per expert call
+            losses = torch.stack([measure_denoising_error(e, positive, latent["samples"], sig, seed, pbar)
                                   for e in state.experts], dim=1)
             bad = (~torch.isfinite(losses)).nonzero()
             if bad.numel():
@@ -593,9 +599,11 @@ class AtelierTimeRouter(io.ComfyNode):
         return io.NodeOutput(routed, new_state.record, "\n".join(lines))
 
 
-def measure_denoising_error(expert, positive, latent: torch.Tensor, sigmas: list[float], seed: int) -> torch.Tensor:
+def measure_denoising_error(expert, positive, latent: torch.Tensor, sigmas: list[float], seed: int,
+                            pbar=None) -> torch.Tensor:
     """Mean x0 error of one expert at each sigma, through the core CFGGuider (cfg 1, positive only),
-    so the expert's own patches and model management apply. One guider run per expert."""
+    so the expert's own patches and model management apply. One guider run per expert; ``pbar`` (a
+    comfy.utils.ProgressBar) advances once per sigma."""
     import comfy.sample
     errs: list[float] = []
     gen = torch.Generator().manual_seed(int(seed))
@@ -609,6 +617,8 @@ def measure_denoising_error(expert, positive, latent: torch.Tensor, sigmas: list
             xt = x0 + s * eps.to(x.device, x.dtype)
             den = model(xt, s * s_in, **(extra_args or {}))
             errs.append(float(((den.detach() - x0) ** 2).mean()))
+            if pbar is not None:
+                pbar.update(1)
         return x
 
     sampler = comfy.samplers.KSAMPLER(calib)
@@ -668,8 +678,10 @@ class AtelierStructTextureSampler(io.ComfyNode):
                                        "Coop bridge: decode, resize in pixels, encode, re-noise with fresh noise."),
             ],
             outputs=[
-                io.Latent.Output("latent", tooltip="The denoised latent (texture model's latent space)."),
-                Routes.Output("routes", tooltip="Which model ran at which call: connect to Atelier Draw Routes."),
+                io.Latent.Output("latent", display_name="latent",
+                                 tooltip="The denoised latent (texture model's latent space)."),
+                Routes.Output("routes", display_name="routes",
+                              tooltip="Which model ran at which call: connect to Atelier Draw Routes."),
             ],
         )
 
@@ -779,7 +791,7 @@ class AtelierDrawRoutes(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AtelierDrawRoutes",
-            display_name="Atelier Draw Routes (diffusion paths)",
+            display_name="Atelier Draw Routes",
             category=CATEGORY,
             is_output_node=True,
             description=(
@@ -795,8 +807,8 @@ class AtelierDrawRoutes(io.ComfyNode):
                 io.Int.Input("column_width", default=12, min=1, max=128, tooltip="Pixels per denoising call."),
             ],
             outputs=[
-                io.Image.Output("image", tooltip="The diffusion path of the latest run."),
-                io.String.Output("text", tooltip="One line per call: sigma, timestep, expert."),
+                io.Image.Output("image", display_name="image", tooltip="The diffusion path of the latest run."),
+                io.String.Output("text", display_name="text", tooltip="One line per call: sigma, timestep, expert."),
             ],
         )
 

@@ -20,8 +20,8 @@ class AtelierTinyCheckpointLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AtelierTinyCheckpointLoader",
-            display_name="Atelier Tiny Checkpoint (test model)",
-            category="atelier/loaders",
+            display_name="Atelier Tiny Checkpoint (test)",
+            category="atelier/testing",
             description=(
                 "Builds a tiny model with seeded random weights and the real block layout, tokenizers and latent "
                 "format of SD1.5, SDXL (UNets), PixArt-Σ (DiT), Flux.1 dev / schnell or SD3.5 (flow-matching "
@@ -56,8 +56,8 @@ class AtelierTinyUnCLIPCheckpointLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AtelierTinyUnCLIPCheckpointLoader",
-            display_name="Atelier Tiny unCLIP Checkpoint (test model)",
-            category="atelier/loaders",
+            display_name="Atelier Tiny unCLIP (test)",
+            category="atelier/testing",
             description=(
                 "The tiny stand-in for unCLIP Checkpoint Loader (SD2.1 unCLIP): a seeded random model with the "
                 "SD2.1-unCLIP topology at toy size that reads 32-d CLIP image embeddings, a tiny text encoder, VAE "
@@ -86,8 +86,8 @@ class AtelierKNNTinyOpenCLIPLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AtelierKNNTinyOpenCLIPLoader",
-            display_name="Atelier kNN Tiny open_clip (test model)",
-            category="atelier/retrieval",
+            display_name="Atelier Tiny open_clip (test)",
+            category="atelier/testing",
             description="A toy open_clip model (both towers, real tokenizer) with seeded random weights, embedding "
                         "into 32 dimensions like the tiny unCLIP model reads. Its neighbours are arbitrary: it "
                         "exists to try the kNN workflows and run tests without downloading weights; tiny mode "
@@ -95,7 +95,8 @@ class AtelierKNNTinyOpenCLIPLoader(io.ComfyNode):
             inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                                  tooltip="Seed of the random weights. An index built with one seed is queried "
                                          "with the same seed.")],
-            outputs=[Embedder.Output("embedder", tooltip="Embedding model for the kNN nodes.")],
+            outputs=[Embedder.Output("embedder", display_name="embedder",
+                                     tooltip="Embedding model for the kNN nodes.")],
         )
 
     @classmethod
