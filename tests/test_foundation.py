@@ -285,8 +285,11 @@ def test_pyproject_dependencies_match_requirements():
             if l.strip() and not l.startswith("#")]
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert deps == reqs
-    for pinned in ("torch", "torchvision", "numpy"):
-        assert pinned in reqs, f"{pinned} must be listed unpinned"
+    # torch/torchvision are ComfyUI's: listing them makes `pip install -r requirements.txt` in a bare
+    # environment pull the registry's default (CUDA) build (issue 20, item 10).
+    for left_to_comfyui in ("torch", "torchvision", "torchaudio"):
+        assert left_to_comfyui not in reqs, f"{left_to_comfyui} is ComfyUI's to install"
+    assert "numpy" in reqs, "numpy must be listed unpinned"
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
