@@ -92,7 +92,8 @@ class MilvusTarget:
     collection: str
     token: str = field(default="", repr=False)
     timeout: float = TIMEOUT
-    input_name: str = "database"
+    input_name: str = "database"      # the input connection errors name (the URI's)
+    name_input: str = "collection"    # the input naming the collection
 
     @property
     def shown_uri(self) -> str:
@@ -104,7 +105,7 @@ class MilvusTarget:
         return not is_server_uri(self.uri)
 
     def with_collection(self, name: str) -> MilvusTarget:
-        return MilvusTarget(self.uri, name, self.token, self.timeout, self.input_name)
+        return MilvusTarget(self.uri, name, self.token, self.timeout, self.input_name, self.name_input)
 
     def describe(self) -> str:
         return f"Milvus collection '{self.collection}' at {self.shown_uri}"
@@ -171,17 +172,22 @@ def classify(e: BaseException, target: MilvusTarget, doing: str) -> KNNError:
             codes.append(str(x.code()).upper())  # grpc.RpcError
         except Exception:  # noqa: BLE001
             codes.append(str(getattr(x, "code", "")).upper())
-    text = _scrub(" ".join(str(getattr(x, "message", None) or x) for x in (e, cause) if x is not None), target.token)
+    parts = [str(getattr(e, "message", None) or e)]
+    try:
+        parts.append(f"{cause.code().name}: {cause.details()}")  # grpc.RpcError under a MilvusException
+    except Exception:  # noqa: BLE001
+        pass
+    text = _scrub(" ".join(" ".join(parts).split()), target.token)  # one line
     low = text.lower()
     if any("UNAUTHENTICATED" in c or "PERMISSION_DENIED" in c for c in codes) or "auth" in low \
             or "password" in low or "1800" in codes or "credential" in low:
         err = KNNError(f"{inp}: the Milvus server at {target.shown_uri} refused the credentials while {doing} "
-                       f"({text.strip()[:200]}); set the environment variable {TOKEN_ENV} (or the token file "
+                       f"({text.strip()[:300]}); set the environment variable {TOKEN_ENV} (or the token file "
                        "named in extra_model_paths.yaml) to a valid user:password or API key", inp)
     elif "fail connecting" in low or "unavailable" in low or "deadline" in low or "timed out" in low \
             or any("UNAVAILABLE" in c or "DEADLINE" in c for c in codes):
         err = KNNError(f"{inp}: cannot reach the Milvus server at {target.shown_uri} while {doing} "
-                       f"({text.strip()[:200]}); start the server or fix the URI (and the network), or use the "
+                       f"({text.strip()[:300]}); start the server or fix the URI (and the network), or use the "
                        "local faiss backend; nothing was changed and no local index was touched", inp)
     else:
         err = KNNError(f"{inp}: Milvus ({target.shown_uri}) failed while {doing}: {text.strip()[:300]}", inp)
@@ -389,7 +395,9 @@ def _set_index(call: _Call, coll: str, spec: dict) -> None:
             call("dropping the old index", "drop_index", coll, "vector")
         ip = call.client.prepare_index_params()
         ip.add_index("vector", index_type=spec["index_type"], metric_type="IP", params=spec["params"])
-        call("building the vector index", "create_index", coll, ip)
+        # a server builds the index in the background: wait for it. Milvus Lite builds it within the call (and
+        # has no AllocTimestamp RPC, which the wait polls with)
+        call("building the vector index", "create_index", coll, ip, sync=not call.target.lite)
     call("loading the collection", "load_collection", coll)
 
 
@@ -459,11 +467,40 @@ def build_collection(folder, target: MilvusTarget, embedder, kind: str = "auto",
             drop_collection(call, work)
     elif manifest is not None:
         _check_same(manifest, folder, meta, target, name_input, switch)
+    files, scan_skipped = knn.scan_folder(folder)
+    report.files = len(files) + len(scan_skipped)
+    if not files:
+        raise knn.no_images_error(folder, scan_skipped)
+    choose_kind(0, kind, target.lite)  # validate before creating anything
+    try:
+        _build_into(call, work, coll, folder, files, scan_skipped, embedder, meta, kind, index_overrides, batch_size,
+                    progress, cancel, rebuild, name_input, switch, report)
+    except BaseException:
+        _drop_if_empty(call, work)
+        raise
+    report.seconds = time.perf_counter() - t0
+    log.info("kNN collection %s at %s: %s", coll, target.shown_uri, report.summary())
+    return report
+
+
+def _drop_if_empty(call: _Call, coll: str) -> None:
+    """After a failed build: a collection holding no embeddings is dropped (nothing worth keeping; it would only
+    clutter the database), as the faiss backend removes such an index folder."""
+    try:
+        if call("listing collections", "has_collection", coll) and count(call, coll) == 0:
+            drop_collection(call, coll)
+    except KNNError as e:
+        log.warning("Could not tidy %s after a failed build: %s", coll, e)
+
+
+def _build_into(call, work, coll, folder, files, scan_skipped, embedder, meta, kind, index_overrides, batch_size,
+                progress, cancel, rebuild, name_input, switch, report) -> None:
+    from . import knn
+    target = call.target
     wm = read_manifest(call, work)
     if not call("listing collections", "has_collection", work) or wm is None:
         if call("listing collections", "has_collection", work):
             drop_collection(call, work)
-        choose_kind(0, kind, target.lite)  # validate before creating anything
         _create_collection(call, work, meta["dim"])
         wm = {"embedder": meta, "dim": int(meta["dim"]), "normalisation": "l2", "root": str(folder),
               "metric": "cosine (inner product of L2-normalised vectors); raw norm in the 'norm' field",
@@ -472,10 +509,6 @@ def build_collection(folder, target: MilvusTarget, embedder, kind: str = "auto",
         write_manifest(call, work, wm)
     else:
         call("loading the collection", "load_collection", work)
-    files, scan_skipped = knn.scan_folder(folder)
-    report.files = len(files) + len(scan_skipped)
-    if not files:
-        raise knn.no_images_error(folder, scan_skipped)
     have = {r["key"]: r for r in _query_all(call, work, "", ["path", "size", "mtime_ns", "sha256"])}
     bad = read_bad(call, work)
     todo, skipped = [], list(scan_skipped)
@@ -492,6 +525,10 @@ def build_collection(folder, target: MilvusTarget, embedder, kind: str = "auto",
     resumed = not wm.get("finished")
     _embed(call, work, folder, todo, embedder, by_hash, batch_size, progress, cancel, report, skipped, bad)
     live = {path_key(f.path) for f in files} - {path_key(p) for p, _ in skipped}
+    if not live:  # before any delete: an index whose files all became unreadable stays as it was
+        reasons = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
+        raise KNNError(f"folder: None of the {len(files)} image files in {folder} could be read ({reasons}); "
+                       "replace or remove those files", "folder")
     gone = sorted(k for k in have if k not in live)
     for s in range(0, len(gone), 1024):
         knn._check_cancel(cancel, report.embedded)
@@ -503,10 +540,6 @@ def build_collection(folder, target: MilvusTarget, embedder, kind: str = "auto",
     report.skipped = skipped
     n = count(call, work)
     report.indexed = n
-    if n == 0:
-        reasons = "; ".join(f"{p}: {r}" for p, r in skipped[:5])
-        raise KNNError(f"folder: None of the {len(files)} image files in {folder} could be read ({reasons}); "
-                       "replace or remove those files", "folder")
     if n != len(live):
         raise KNNError(f"{name_input}: {target.describe()} holds {n} rows for {len(live)} images after the build; "
                        f"run the build again (it resumes), or rebuild it with '{switch}'", name_input)
@@ -527,9 +560,6 @@ def build_collection(folder, target: MilvusTarget, embedder, kind: str = "auto",
         write_manifest(call, work, wm)
         if rebuild:
             _swap_in(call, work, coll, wm)
-    report.seconds = time.perf_counter() - t0
-    log.info("kNN collection %s at %s: %s", coll, target.shown_uri, report.summary())
-    return report
 
 
 def _check_same(m: dict, folder: Path, meta: dict, target: MilvusTarget, name_input: str, switch: str) -> None:
@@ -695,7 +725,7 @@ class MilvusIndex(_query_base()):
     backend = "milvus"
 
     def __init__(self, target: MilvusTarget):
-        inp = target.input_name
+        inp = target.name_input
         coll = check_collection_name(target.collection, inp)
         self.target, self.name = target, coll
         self._call = _Call(target)

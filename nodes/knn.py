@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..models import knn, knn_embed, knn_world, world
+from ..models import knn, knn_embed, knn_milvus, knn_world, world
 from . import glue
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,55 @@ def index_dir(name: str, create: bool = False) -> Path:
         return knn.safe_join(bases[0], name)
     raise knn.KNNError(f"database: No index named {name!r} in {', '.join(bases)}; build it with 'Atelier kNN "
                        "Build Index' and refresh the page (R)", "database")
+
+
+BACKENDS = ("faiss", "milvus")
+MILVUS_LITE_FILE = "atelier_milvus.db"
+MILVUS_URI_ENV = "ATELIER_MILVUS_URI"
+FOLDER_MILVUS_TOKEN = "atelier_knn_milvus_token"  # extra_model_paths.yaml: a file holding the token (never the token)
+BACKEND_TOOLTIP = ("faiss: a local index folder under models/atelier/knn_index (default). milvus: a collection in "
+                   "a Milvus database, embedded (Milvus Lite file) or a server/cluster for libraries that outgrow one "
+                   "machine.")
+URI_TOOLTIP = ("Milvus only. Empty: $ATELIER_MILVUS_URI, else the embedded Milvus Lite file "
+               "models/atelier/knn_index/atelier_milvus.db. A server: http://host:19530. Credentials never go "
+               "here: set ATELIER_MILVUS_TOKEN (user:password or API key), or name a token file under "
+               "atelier_knn_milvus_token in extra_model_paths.yaml.")
+
+
+def milvus_token() -> str:
+    """The Milvus token: $ATELIER_MILVUS_TOKEN, else the first readable file listed under atelier_knn_milvus_token in
+    extra_model_paths.yaml. Never logged, never a node input (so never in a workflow)."""
+    tok = os.environ.get(knn_milvus.TOKEN_ENV, "").strip()
+    if tok:
+        return tok
+    for path in folder_paths.folder_names_and_paths.get(FOLDER_MILVUS_TOKEN, ([], set()))[0]:
+        try:
+            with open(path, encoding="utf-8") as f:
+                tok = f.read().strip()
+        except OSError:
+            continue
+        if tok:
+            return tok
+    return ""
+
+
+def milvus_target(uri: str, collection: str, name_input: str) -> knn_milvus.MilvusTarget:
+    """The Milvus collection a node's inputs name (the URI checked, the token from the environment)."""
+    uri = (uri or "").strip() or os.environ.get(MILVUS_URI_ENV, "").strip()
+    if not uri:
+        uri = os.path.join(folder_paths.get_folder_paths(FOLDER_INDEX)[0], MILVUS_LITE_FILE)
+    knn_milvus.check_uri(uri, "milvus_uri")
+    return knn_milvus.MilvusTarget(uri, knn_milvus.check_collection_name(collection, name_input),
+                                   token=milvus_token(), input_name="milvus_uri", name_input=name_input)
+
+
+def database_target(backend: str, name: str, uri: str, name_input: str, create: bool = False):
+    """What models/knn builds into or opens: an index folder (faiss) or a Milvus collection."""
+    if backend not in BACKENDS:
+        raise knn.KNNError(f"backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}", "backend")
+    if backend == "milvus":
+        return milvus_target(uri, name, name_input)
+    return index_dir(name, create=create)
 
 
 def _embedder_module(embedder) -> torch.nn.Module | None:
@@ -290,6 +339,10 @@ class AtelierKNNBuildIndex(io.ComfyNode):
                                  "refused and the index left untouched."),
                 io.Int.Input("batch_size", default=16, min=1, max=512, tooltip="Images embedded per step; larger is "
                              "faster on a GPU and uses more memory."),
+                io.Combo.Input("backend", options=list(BACKENDS), default="faiss", optional=True,
+                               tooltip=BACKEND_TOOLTIP + " With milvus, index_name is the collection name (letters, "
+                                       "digits, '_')."),
+                io.String.Input("milvus_uri", default="", optional=True, tooltip=URI_TOOLTIP),
             ],
             outputs=[Index.Output("index", display_name="index", tooltip="The built index, ready for Retrieve."),
                      io.String.Output("report", display_name="report",
@@ -299,25 +352,26 @@ class AtelierKNNBuildIndex(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, folder: str | None = None, index_name: str = "", index_type: str = "",
-                           rebuild: bool = False, batch_size: int = 0, **_):
-        """Run again when the folder's images or the index change (a stat scan, no reading)."""
-        if folder is None:  # linked (e.g. from Atelier World Image Folder): not known before the run
+                           rebuild: bool = False, batch_size: int = 0, backend: str = "faiss", milvus_uri: str = "",
+                           **_):
+        """Run again when the folder's images or the index change (a stat scan, no reading). A Milvus collection
+        can change behind the node's back (another machine), so it is checked on every run (the build is
+        incremental: nothing to do costs a scan and one query)."""
+        if folder is None or rebuild or backend == "milvus":  # linked folders are not known before the run
             return float("nan")
         try:
             files, skipped = knn.scan_folder(resolve_image_folder(folder))
             exists = (index_dir(index_name, create=True) / "atelier_knn.json").is_file()
         except (OSError, glue.AtelierError):
             return float("nan")
-        if rebuild:
-            return float("nan")
         return (folder, index_name, index_type, len(files), len(skipped), exists,
                 hashlib.sha256(repr(files).encode()).hexdigest())
 
     @classmethod
     def execute(cls, embedder, folder: str, index_name: str, index_type: str, rebuild: bool,
-                batch_size: int) -> io.NodeOutput:
+                batch_size: int, backend: str = "faiss", milvus_uri: str = "") -> io.NodeOutput:
         src = resolve_image_folder(folder)
-        dst = index_dir(index_name, create=True)
+        dst = database_target(backend, index_name, milvus_uri, "index_name", create=True)
         pbar = None
 
         def progress(done: int, total: int) -> None:
@@ -335,9 +389,13 @@ class AtelierKNNBuildIndex(io.ComfyNode):
                 report = knn.build_index(src, dst, embedder, kind=index_type, batch_size=batch_size,
                                          progress=progress, cancel=cancel, rebuild=rebuild)
         except knn.IndexConflict as e:
+            if backend == "milvus":
+                raise
             raise glue.refuse_overwrite(e.path, e.differences, "index_name", "rebuild") from e
         text = f"{index_name}: {report.summary()}"
-        return io.NodeOutput(knn.KNNIndex(dst), text, ui=ui.PreviewText(text))
+        if backend == "milvus":
+            text += f"\n{dst.describe()}"
+        return io.NodeOutput(knn.open_database(dst), text, ui=ui.PreviewText(text))
 
 
 class AtelierKNNIndexLoader(io.ComfyNode):
@@ -355,31 +413,50 @@ class AtelierKNNIndexLoader(io.ComfyNode):
                 io.Combo.Input("memory_map", options=["auto", "on", "off"], default="auto",
                                tooltip="Map the index file instead of reading it into RAM. auto: only when it is "
                                        "larger than half the RAM."),
+                io.Combo.Input("backend", options=list(BACKENDS), default="faiss", optional=True,
+                               tooltip=BACKEND_TOOLTIP + " With milvus, the database list is not used: the "
+                                       "collection input names it."),
+                io.String.Input("milvus_uri", default="", optional=True, tooltip=URI_TOOLTIP),
+                io.String.Input("collection", default="", optional=True,
+                                tooltip="Milvus only: the collection (the index_name it was built under)."),
             ],
             outputs=[Index.Output("index", display_name="index", tooltip="The opened index."),
                      io.String.Output("info", display_name="info", tooltip="Images, embedding model, index type.")],
         )
 
     @classmethod
-    def validate_inputs(cls, database: str):
+    def validate_inputs(cls, database: str, backend: str = "faiss", collection: str = ""):
         try:
-            index_dir(database)
+            if backend == "milvus":  # the database list is not used; the collection is checked when it runs
+                knn_milvus.check_collection_name(collection, "collection")
+            else:
+                index_dir(database)
         except knn.KNNError as e:
             return str(e)
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, database: str, memory_map: str):
+    def fingerprint_inputs(cls, database: str, memory_map: str, backend: str = "faiss", milvus_uri: str = "",
+                           collection: str = ""):
         try:  # reload when the index is rebuilt
+            if backend == "milvus":
+                index = knn.open_database(milvus_target(milvus_uri, collection, "collection"))
+                return (backend, milvus_uri, collection, index.manifest.get("updated"), len(index))
             return (database, memory_map, os.stat(index_dir(database) / "atelier_knn.json").st_mtime_ns)
         except (OSError, knn.KNNError):
             return float("nan")
 
     @classmethod
-    def execute(cls, database: str, memory_map: str) -> io.NodeOutput:
-        mmap = {"auto": "auto", "on": True, "off": False}[memory_map]
-        index = knn.KNNIndex(index_dir(database), mmap=mmap, input_name="database")
-        info = (f"{database}: {len(index)} images, {index.dim}-d, {index.info['kind']} index, "
+    def execute(cls, database: str, memory_map: str, backend: str = "faiss", milvus_uri: str = "",
+                collection: str = "") -> io.NodeOutput:
+        if backend == "milvus":
+            index = knn.open_database(milvus_target(milvus_uri, collection, "collection"))
+            where = f"{collection} ({index.target.describe()})"
+        else:
+            mmap = {"auto": "auto", "on": True, "off": False}[memory_map]
+            index = knn.KNNIndex(index_dir(database), mmap=mmap, input_name="database")
+            where = database
+        info = (f"{where}: {len(index)} images, {index.dim}-d, {index.info['kind']} index, "
                 f"embedder {index.embedder_info.get('name')}, folder {index.root}")
         return io.NodeOutput(index, info)
 

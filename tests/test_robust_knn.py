@@ -379,3 +379,62 @@ def test_corrupt_open_clip_file_is_named(env, run_graph):
     finally:
         for fname in cases:
             (env.open_clip / fname).unlink()
+
+
+# ============================================================================ 6. the Milvus backend (embedded Milvus Lite)
+
+def _milvus_build(env, name: str, folder: str, rebuild: bool = False, embedder=None) -> dict:
+    p = _build(env, name, folder, rebuild=rebuild, embedder=embedder)
+    p["11"]["inputs"].update(backend="milvus", milvus_uri="")
+    return p
+
+
+def _milvus_rows(env, name: str) -> list[tuple]:
+    """Every row of the collection (path, key, size, mtime, sha256, norm), read from Milvus itself."""
+    km = importlib.import_module(env.nodes.__name__.rsplit(".", 2)[0] + ".models.knn_milvus")
+    target = env.nodes.milvus_target("", name, "index_name")
+    call = km._Call(target)
+    if not call.client.has_collection(name):
+        return []
+    rows = km._query_all(call, name, "", ["path", "size", "mtime_ns", "sha256", "norm"])
+    assert len({r["key"] for r in rows}) == len(rows) == km.count(call, name), "duplicate keys"
+    return sorted((r["path"], r["key"], r["size"], r["mtime_ns"], r["sha256"], round(r["norm"], 5)) for r in rows)
+
+
+def test_milvus_collection_of_another_folder_is_refused_untouched_and_a_cancelled_rebuild_keeps_it(env, run_graph):
+    a, b = env.folder("mv_a", 3, seed=11), env.folder("mv_b", 6, seed=12, hue=(20, 60, 220))
+    name = _name("mv_mine")
+    r = run_graph(_milvus_build(env, name, a), want=["11"])
+    assert type(r["values"]["11"][0]).__name__ == "MilvusIndex" and "Milvus collection" in r["values"]["11"][1]
+    before = _milvus_rows(env, name)
+    assert [row[0] for row in before] == ["00.png", "01.png", "02.png"]
+    with pytest.raises(_error(), match=f"index_name: Milvus collection '{name}' .* already holds a different index"
+                                       ".*left untouched.*'rebuild'"):
+        run_graph(_milvus_build(env, name, b))
+    assert _milvus_rows(env, name) == before
+
+    with cancel_at(2), pytest.raises(_error(), match="interrupted at node 11"):
+        run_graph(_milvus_build(env, name, b, rebuild=True))
+    assert _milvus_rows(env, name) == before, "the old collection is what Load Index reads until the swap"
+    load = {"20": {"class_type": "AtelierKNNIndexLoader", "inputs": {
+        "database": "unused", "memory_map": "off", "backend": "milvus", "milvus_uri": "", "collection": name}},
+        "21": {"class_type": "PreviewAny", "inputs": {"source": ["20", 1]}}}
+    assert len(run_graph(load, want=["20"])["values"]["20"][0]) == 3
+    r = run_graph(_milvus_build(env, name, b, rebuild=True), want=["11"])  # resumes the rebuild, then swaps
+    assert "4 embedded" in r["values"]["11"][1] and len(r["values"]["11"][0]) == 6
+    assert [row[0] for row in _milvus_rows(env, name)] == [f"{i:02d}.png" for i in range(6)]
+    client = env.nodes.knn_milvus._Call(env.nodes.milvus_target("", name, "index_name")).client
+    assert name + "__rebuild" not in client.list_collections()
+
+
+def test_milvus_failed_build_leaves_no_collection(env, run_graph):
+    empty = env.folder("mv_empty")
+    (env.inp / empty / "readme.txt").write_text("no images here")
+    junk = env.folder("mv_junk")
+    (env.inp / junk / "a.png").write_bytes(b"not a png")
+    for folder, why in ((empty, "No images"), (junk, "None of the 1 image files")):
+        name = _name("mv_failed_" + folder[3:6])
+        with pytest.raises(_error(), match=why):
+            run_graph(_milvus_build(env, name, folder))
+        client = env.nodes.knn_milvus._Call(env.nodes.milvus_target("", name, "index_name")).client
+        assert name not in client.list_collections()
