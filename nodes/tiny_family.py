@@ -333,6 +333,78 @@ def write_stock_sd15_checkpoint(path: str, seed: int = 0) -> None:
     comfy.utils.save_torch_file(sd, path, metadata={"atelier": "stock-loader test checkpoint, random weights"})
 
 
+# ----------------------------------------------------------------------------- DiT files for core UNETLoader
+
+#: What core UNETLoader (comfy.model_detection.detect_unet_config, v0.3.64) reads from a file's shapes and
+#: what it hard-codes at full size, per family; ``write_diffusion_model`` writes the smallest file it loads.
+#:   sd3:    everything from shapes (hidden = 64 * depth from x_embedder, context/pooled widths, pos_embed,
+#:           q/k norm): the tiny sd3 itself loads (2.1 M values with pos_embed, 8.6 MB in fp32), bit-identical
+#:           to the tiny loader's MODEL.
+#:   pixart: hidden 1152, 16 heads, 4 latent channels, patch 2 and caption width 4096 (the PixArtMS default) are
+#:           hard-coded; depth is counted and model_max_length read from y_embedding: one block at full width
+#:           (38 M parameters, 76 MB in fp16). It reads 4096-wide text (T5-XXL's width).
+#:   flux / flux_schnell: hidden 3072, 24 heads, context 4096, axes 16/56/56, mlp 4.0 are hard-coded; depth and
+#:           single-stream depth are counted, vec_in read from its shape, guidance_in's presence tells dev from
+#:           schnell; the detection key is a double block's q/k norm, so one double block at full width is the
+#:           least: 1 double + 0 single blocks, vec_in 64 (402 M parameters, 402 MB in fp8 e4m3fn; 2.9 GB peak
+#:           memory to write).
+#: The tiny sd3 text encoder gives what these full-width files read: 4096-wide tokens and a 64-wide pooled vector.
+DETECTED_CONFIGS = {
+    "pixart": (comfy.supported_models.PixArtSigma, {
+        "image_model": "pixart_sigma", "num_heads": 16, "patch_size": 2, "hidden_size": 1152, "in_channels": 4,
+        "depth": 1, "model_max_length": 300, "micro_condition": False}),
+    "flux": (comfy.supported_models.Flux, {
+        "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 64,
+        "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 1,
+        "depth_single_blocks": 0, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+        "guidance_embed": True}),
+}
+DETECTED_CONFIGS["flux_schnell"] = (comfy.supported_models.FluxSchnell,
+                                    dict(DETECTED_CONFIGS["flux"][1], guidance_embed=False))
+
+
+def write_diffusion_model(family: str, path: str, seed: int = 0) -> dict:
+    """Write a diffusion-model file (Load Diffusion Model / UNETLoader, models/diffusion_models) that core
+    detection loads as ``family`` ('pixart', 'flux', 'flux_schnell', 'sd3'), in the key layout of published
+    files: PixArt-Σ and BFL Flux files carry the bare module keys, SD3.5 single files the
+    ``model.diffusion_model.`` prefix. See ``DETECTED_CONFIGS`` for the widths ComfyUI hard-codes. Seeded
+    random weights; returns {"params", "dtype"}. Generate it where it is used (a test fixture), never commit it.
+    """
+    if family == "sd3":
+        model = build_model("sd3", seed).model
+        sd, dtype = model.state_dict_for_saving(None, None, None), torch.float32
+    elif family in DETECTED_CONFIGS:
+        cls, unet = DETECTED_CONFIGS[family]
+        cfg = cls(unet)
+        cfg.set_inference_dtype(torch.float32, None)
+        dm = cfg.get_model({}).diffusion_model
+        seeded_init_(dm, seed)
+        _init_buffers_(dm, seed)
+        sd = dm.state_dict()
+        dtype = torch.float16 if family == "pixart" else torch.float8_e4m3fn
+        del dm
+    else:
+        raise ValueError(f"family: no diffusion-model file for {family!r}; choose one of "
+                         f"{sorted(set(DETECTED_CONFIGS) | {'sd3'})}")
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    comfy.utils.save_torch_file(sd, path, metadata={"atelier": f"{family} loader test file, random weights"})
+    return {"params": sum(v.numel() for v in sd.values()), "dtype": str(dtype)}
+
+
+def write_clip_l(path: str, seed: int = 0) -> dict:
+    """A full-size CLIP-L text-encoder file (the layout of the published clip_l.safetensors: ``text_model.*``,
+    ``text_projection.weight``) for core CLIPLoader / DualCLIPLoader, seeded random weights in fp8 e4m3fn
+    (~123 MB). ComfyUI builds its text encoders at full size whatever a file holds (CLIP-L 12 x 768, CLIP-G
+    32 x 1280, T5-XXL 24 x 4096) and detects CLIP-G / T5-XXL by their last layers' keys, so CLIP-L, 123 M
+    parameters, is the only one that can be generated here; T5-XXL (4.7 B) and CLIP-G (695 M) cannot."""
+    te = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    seeded_init_(te.transformer, seed + 1)
+    sd = {k: (v.to(torch.float8_e4m3fn) if v.is_floating_point() else v).contiguous()
+          for k, v in te.transformer.state_dict().items()}
+    del te
+    comfy.utils.save_torch_file(sd, path, metadata={"atelier": "clip_l loader test file, random weights"})
+    return {"params": sum(v.numel() for v in sd.values())}
+
 # ----------------------------------------------------------------------------- tiny SD2.1-unCLIP family
 # Not in FAMILIES (that list is the txt2img families the tiny checkpoint loader offers): an unCLIP model also
 # needs a CLIP vision model, and it reads image embeddings of UNCLIP_EMBED_DIM. SD2.1-unCLIP topology at 32
