@@ -1,5 +1,7 @@
 """The sketch canvas widget in a real headless Chromium with ComfyUI's real frontend: draw strokes with the
-mouse, queue the graph, and check that the strokes reached Python (the node's output image has them).
+mouse, queue the graph, and check that the strokes reached Python (the node's output image has them). The
+white area on screen is the drawing itself (issue 20.7: it was wider, and a stroke began at x = -64): a
+press beside it draws nothing, a stroke that leaves it is clamped to its edge.
 
 Self-contained: starts ComfyUI's server as a subprocess with the pack linked into a temporary
 custom_nodes folder (--base-directory). Skipped locally when chromium or playwright is missing; under
@@ -110,7 +112,7 @@ def test_strokes_drawn_in_the_browser_reach_python(server):
                 n.widgets.find(w => w.name === "width").value = 256;
                 n.widgets.find(w => w.name === "height").value = 256;
                 n.atelierSketch.redraw();
-                n.setSize([420, 560]);
+                n.setSize([640, 560]);   // wider than the drawing's area is tall: room beside it
                 const p = LiteGraph.createNode("PreviewImage");
                 p.pos = [600, 100];
                 g.add(p);
@@ -125,7 +127,8 @@ def test_strokes_drawn_in_the_browser_reach_python(server):
             page.wait_for_timeout(500)
             box = canvas.bounding_box()
             assert box and box["width"] > 50, box
-            # The drawn area keeps the aspect ratio (object-fit: contain): a square centred in the box.
+            # The white box is the 256x256 drawing: square, not the node's whole width.
+            assert abs(box["width"] - box["height"]) <= 2, f"the canvas on screen is not the drawing: {box}"
             side = min(box["width"], box["height"])
             ox, oy = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
 
@@ -139,9 +142,30 @@ def test_strokes_drawn_in_the_browser_reach_python(server):
                 for k in range(1, 11):
                     page.mouse.move(*at(a[0] + (b[0] - a[0]) * k / 10, a[1] + (b[1] - a[1]) * k / 10))
                 page.mouse.up()
-            value = json.loads(page.evaluate(
-                "() => window.__sketchNode.widgets.find(w => w.name === 'sketch').value"))
+            def sketch():
+                return json.loads(page.evaluate(
+                    "() => window.__sketchNode.widgets.find(w => w.name === 'sketch').value"))
+
+            value = sketch()
             assert len(value["strokes"]) == 2 and value["width"] == 256, value
+            # A press beside the drawing (inside the node) starts no stroke.
+            page.mouse.move(box["x"] - 15, box["y"] + 0.5 * box["height"])
+            page.mouse.down()
+            page.mouse.move(*at(0.3, 0.5))
+            page.mouse.up()
+            assert len(sketch()["strokes"]) == 2, "a stroke started outside the drawing"
+            # A stroke that leaves the drawing is clamped to its edge (along the top-left corner, away from
+            # the pixels checked below).
+            page.mouse.move(*at(0.06, 0.04))
+            page.mouse.down()
+            for k in range(1, 9):
+                page.mouse.move(*at(0.06 - 0.05 * k, 0.04))
+            page.mouse.up()
+            value = sketch()
+            assert len(value["strokes"]) == 3, value
+            pts = value["strokes"][2]["points"]
+            assert all(0 <= x <= 256 and 0 <= y <= 256 for x, y in pts), pts
+            assert min(x for x, _ in pts) == 0, pts
             prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
             canvas_id = next(k for k, v in prompt.items() if v["class_type"] == "AtelierSketchCanvas")
             assert json.loads(prompt[canvas_id]["inputs"]["sketch"])["strokes"] == value["strokes"]

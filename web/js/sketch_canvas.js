@@ -3,6 +3,8 @@
 // with the prompt); Python validates it and draws the strokes again at the node's width x height.
 // JSON: {"version": 1, "width", "height", "strokes": [{"mode": "draw"|"erase", "size", "points": [[x, y], ...]}],
 //        "background": "" | data URL (a guide shown under the strokes; not part of the sketch)}
+// The white area on screen is exactly the drawing (width x height, outlined): a stroke starts only inside
+// it, and a stroke that leaves it is clamped to its edge, so no point lies outside the drawing.
 import { app } from "../../scripts/app.js";
 
 const NODE = "AtelierSketchCanvas";
@@ -40,12 +42,28 @@ function setupCanvas(node) {
   root.style.cssText = "display:flex;flex-direction:column;gap:4px;width:100%;height:100%;";
   const bar = document.createElement("div");
   bar.style.cssText = "display:flex;gap:4px;flex-wrap:wrap;align-items:center;font-size:12px;";
+  // The canvas element is sized to the drawing's aspect ratio inside this area (fit), so its white box and
+  // outline are the drawing's bounds; the area around it is the node's own background.
+  const area = document.createElement("div");
+  area.style.cssText = "flex:1 1 auto;min-height:0;display:flex;align-items:center;justify-content:center;" +
+                       "overflow:hidden;";
   const canvas = document.createElement("canvas");
   canvas.className = "atelier-sketch-canvas";
-  canvas.style.cssText = "width:100%;flex:1 1 auto;min-height:0;object-fit:contain;background:#fff;" +
-                         "touch-action:none;cursor:crosshair;border:1px solid #666;";
-  root.append(bar, canvas);
+  canvas.style.cssText = "display:block;background:#fff;touch-action:none;cursor:crosshair;" +
+                         "outline:1px solid #888;";
+  area.append(canvas);
+  root.append(bar, area);
   const ctx = canvas.getContext("2d");
+
+  function fit() {
+    const [w, h] = size();
+    const aw = area.clientWidth, ah = area.clientHeight;
+    if (!(aw > 0 && ah > 0)) return;
+    const s = Math.min(aw / w, ah / h);
+    canvas.style.width = `${Math.floor(w * s)}px`;
+    canvas.style.height = `${Math.floor(h * s)}px`;
+  }
+  if (typeof ResizeObserver !== "undefined") new ResizeObserver(fit).observe(area);
 
   function button(label, title, fn) {
     const b = document.createElement("button");
@@ -118,6 +136,7 @@ function setupCanvas(node) {
   function redraw() {
     const [w, h] = size();
     if (canvas.width !== w || canvas.height !== h) { canvas.width = w; canvas.height = h; }
+    fit();
     if (!state.strokes.length && !current) { state.width = w; state.height = h; }  // nothing drawn yet: adopt the size
     ctx.globalAlpha = 1; ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, w, h);
     if (bgImage) { ctx.globalAlpha = 0.35; ctx.drawImage(bgImage, 0, 0, w, h); ctx.globalAlpha = 1; }
@@ -138,29 +157,35 @@ function setupCanvas(node) {
     node.setDirtyCanvas?.(true, true);
   }
 
+  // A pointer position in drawing coordinates (those of the size the strokes were drawn at), clamped to the
+  // drawing; ``inside`` says whether it was on the drawing at all.
   function toCanvas(e) {
     const r = canvas.getBoundingClientRect();
     const [w, h] = size();
-    // object-fit keeps the aspect ratio: map through the drawn area.
-    const scale = Math.min(r.width / w, r.height / h);
-    const ox = r.left + (r.width - w * scale) / 2, oy = r.top + (r.height - h * scale) / 2;
-    const x = (e.clientX - ox) / scale, y = (e.clientY - oy) / scale;
+    const x = (e.clientX - r.left) / r.width * w, y = (e.clientY - r.top) / r.height * h;
+    const inside = x >= 0 && y >= 0 && x <= w && y <= h;
+    const cx = Math.min(Math.max(x, 0), w), cy = Math.min(Math.max(y, 0), h);
     const sx = (state.width || w) / w, sy = (state.height || h) / h;
-    return [Math.round(x * sx * 10) / 10, Math.round(y * sy * 10) / 10];
+    const p = [Math.round(cx * sx * 10) / 10, Math.round(cy * sy * 10) / 10];
+    p.inside = inside;
+    return p;
   }
 
   canvas.addEventListener("pointerdown", (e) => {
     if (e.button !== 0) return;
     e.preventDefault(); e.stopPropagation();
+    const start = toCanvas(e);
+    if (!start.inside) return;  // on the outline, not the drawing: no stroke
     canvas.setPointerCapture?.(e.pointerId);
     const [w] = size();
-    current = { mode, size: brush * (state.width || w) / w, points: [toCanvas(e)] };
+    current = { mode, size: brush * (state.width || w) / w, points: [[start[0], start[1]]] };
     redraw();
   });
   canvas.addEventListener("pointermove", (e) => {
     if (!current) return;
     e.preventDefault(); e.stopPropagation();
-    current.points.push(toCanvas(e));
+    const p = toCanvas(e);
+    current.points.push([p[0], p[1]]);  // clamped to the drawing's edge
     redraw();
   });
   const finish = (e) => {
@@ -178,10 +203,11 @@ function setupCanvas(node) {
   });
   for (const ev of ["wheel", "mousedown", "mousemove", "mouseup"]) root.addEventListener(ev, (e) => e.stopPropagation());
 
-  node.addDOMWidget("sketch_canvas", "atelier_sketch_canvas", root, {
+  const view = node.addDOMWidget("sketch_canvas", "atelier_sketch_canvas", root, {
     serialize: false,
     getMinHeight: () => 200,
   });
+  if (view) view.serialize = false;  // the drawing lives in "sketch"; this view adds no workflow value
   node.atelierSketch = {
     reload() { state = parseState(data.value, ...size()); setBackground(state.background); },
     redraw,
