@@ -21,7 +21,7 @@ def _world(g, spec, count=48):
 
 
 def _embedder(g):
-    return g.node("AtelierKNNOpenCLIPLoader", title="open_clip ViT-H/14 (the unCLIP-h embedding space)",
+    return g.node("AtelierKNNOpenCLIPLoader", title="open_clip ViT-H/14",
                   clip_name=OPEN_CLIP, architecture=OPEN_CLIP_ARCH)
 
 
@@ -35,10 +35,14 @@ def _retrieve(g, index, emb, text, title="Retrieve by text"):
                   combine="weighted mean", temperature=0.05, image_size=256)
 
 
-def _generate(g, ck, pos, neg, hits, prefix, title="KSampler"):
+def _latent(g):
+    return g.node("EmptyLatentImage", width=768, height=768, batch_size=1)
+
+
+def _generate(g, ck, pos, neg, hits, prefix, title="KSampler", lat=None):
     cond = g.node("AtelierKNNConditioning", conditioning=pos[0], neighbours=hits[2], strength=1.0, temperature=0.05,
                   query_weight=0.0, mode="weighted mean", noise_augmentation=0.1, model=ck[0])
-    lat = g.node("EmptyLatentImage", width=768, height=768, batch_size=1)
+    lat = lat or _latent(g)
     ks = g.node("KSampler", title=title, model=ck[0], positive=cond[0], negative=neg[0], latent_image=lat[0],
                 seed=42, steps=8, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
     img = g.node("VAEDecode", samples=ks[0], vae=ck[2])
@@ -86,11 +90,12 @@ def knn_two_databases(g):
            "index per folder and pick it in Atelier kNN Load Index (the database combo) instead of building here.")
     ck, pos, neg = _unclip(g, PROMPT)
     emb = _embedder(g)
+    lat = _latent(g)  # one latent for both: the same start, only the neighbours differ
     for spec, name, tag in ((WARM, "demo_warm_shapes", "A"), (COOL, "demo_cool_shapes", "B")):
         world = _world(g, spec)
         index = _build(g, emb, world, name)
         hits = _retrieve(g, index, emb, PROMPT, title=f"Retrieve from database {tag}")
-        _generate(g, ck, pos, neg, hits, f"atelier_knn_database_{tag.lower()}", title=f"Database {tag}")
+        _generate(g, ck, pos, neg, hits, f"atelier_knn_database_{tag.lower()}", title=f"Database {tag}", lat=lat)
 
 
 WORKFLOWS = {
