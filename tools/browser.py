@@ -44,6 +44,16 @@ def chromium_path() -> str | None:
     return shutil.which("chromium")
 
 
+STARTUP_TIMEOUT = 600.0  # seconds; ATELIER_SERVER_TIMEOUT overrides
+
+
+def startup_timeout() -> float:
+    try:
+        return float(os.environ.get("ATELIER_SERVER_TIMEOUT", STARTUP_TIMEOUT))
+    except ValueError:
+        return STARTUP_TIMEOUT
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,17 +87,35 @@ class ComfyServer:
                "--base-directory", str(self.base), "--disable-auto-launch",
                "--database-url", f"sqlite:///{self.base / 'comfy.db'}"]
         self._log = open(self.log_path, "w")
+        t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=str(self.comfy_path), env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
+        try:
+            self._wait_up(t0)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.startup_seconds = time.perf_counter() - t0
+        print(f"[atelier] ComfyUI server up on port {self.port} in {self.startup_seconds:.1f} s", file=sys.stderr,
+              flush=True)
+        return self
+
+    def _wait_up(self, t0: float) -> None:
+        """Wait until the port takes connections and /system_stats answers, up to STARTUP_TIMEOUT seconds
+        (a loaded machine can take minutes to import ComfyUI); the server exiting ends the wait at once."""
+        limit = startup_timeout()
+        while time.perf_counter() - t0 < limit:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI server exited early; log:\n{self.log_tail()}")
+                raise RuntimeError(f"ComfyUI server exited early (code {self.proc.returncode}) after "
+                                   f"{time.perf_counter() - t0:.0f} s; log:\n{self.log_tail()}")
             try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2):
+                    pass
                 self.get_json("/system_stats")
-                return self
+                return
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.5)
-        raise RuntimeError(f"ComfyUI server did not come up in 120 s; log:\n{self.log_tail()}")
+        raise RuntimeError(f"ComfyUI server did not come up in {limit:.0f} s (ATELIER_SERVER_TIMEOUT raises the "
+                           f"bound); log:\n{self.log_tail()}")
 
     def __exit__(self, *exc):
         if self.proc is not None and self.proc.poll() is None:

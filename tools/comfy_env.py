@@ -68,7 +68,9 @@ def candidates() -> list[tuple[str, Path]]:
     return out
 
 
-def find_comfyui(install: bool = False, verbose: bool = True) -> Path:
+def find_comfyui(install: bool = False, verbose: bool = True, env: dict | None = None) -> Path:
+    """The first ComfyUI of ``candidates()``; with ``install``, comfy-cli installs one when none is found
+    (``env``: the environment comfy-cli runs with, e.g. PYTHONPATH to a tools folder holding it)."""
     tried = []
     for why, path in candidates():
         if is_comfyui(path):
@@ -81,21 +83,21 @@ def find_comfyui(install: bool = False, verbose: bool = True) -> Path:
             raise ComfyNotFound(f"COMFYUI_PATH={path} is not a ComfyUI folder (no main.py/nodes.py/comfy/). "
                                 "Point it at the folder that holds ComfyUI's main.py, or unset it.")
     if install:
-        return install_comfyui(DEFAULT_WORKSPACE, tried)
+        return install_comfyui(DEFAULT_WORKSPACE, tried, env=env)
     raise ComfyNotFound("ComfyUI was not found. Looked in:\n" + "\n".join(tried) +
                         "\nFix: set COMFYUI_PATH to your ComfyUI folder, install the pack inside "
                         "ComfyUI/custom_nodes/, or run `python tools/atelier.py setup` to install "
                         "ComfyUI with comfy-cli (needs internet).")
 
 
-def install_comfyui(workspace: Path, tried: list[str]) -> Path:
+def install_comfyui(workspace: Path, tried: list[str], env: dict | None = None) -> Path:
     comfy = shutil.which("comfy")
     cmd_prefix = [comfy] if comfy else [sys.executable, "-m", "comfy_cli"]
     gpu = "--nvidia" if shutil.which("nvidia-smi") else "--cpu"
     cmd = cmd_prefix + ["--skip-prompt", "--workspace", str(workspace), "install", gpu]
     print(f"[atelier] ComfyUI not found; installing it with comfy-cli: {' '.join(cmd)}", file=sys.stderr)
     try:
-        rc = subprocess.call(cmd)
+        rc = subprocess.call(cmd, env=env)
     except OSError as e:
         rc = f"could not start ({e})"
     if rc == 0 and is_comfyui(workspace):

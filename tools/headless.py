@@ -44,9 +44,12 @@ class _HeadlessServer:
         self.last_prompt_id = None
         self.sockets_metadata = {}
         self.events: list[tuple[str, dict]] = []
+        self.listener = None  # fn(event, data), see Headless.listen
 
     def send_sync(self, event, data, sid=None):
         self.events.append((event, data))
+        if self.listener is not None:
+            self.listener(event, data)
 
     def queue_updated(self):
         pass
@@ -59,7 +62,9 @@ class Headless:
 
     def __init__(self, comfy_path: str | os.PathLike | None = None, output_dir: str | None = None,
                  input_dir: str | None = None, user_dir: str | None = None, pack_path: str | None = None,
-                 cpu: bool | None = None, extra_args: list[str] | None = None):
+                 cpu: bool | None = None, extra_args: list[str] | None = None, base_dir: str | None = None):
+        """``base_dir``: ComfyUI's ``--base-directory`` (models/, input/, output/, temp/, user/ all under
+        it, nothing read from or written into the ComfyUI folder's own); the other ``*_dir`` override it."""
         if Headless._booted is not None:
             raise RuntimeError("ComfyUI is already booted in this process; reuse Headless.current().")
         self.comfy_path = Path(comfy_path) if comfy_path else comfy_env.find_comfyui(verbose=False)
@@ -68,7 +73,7 @@ class Headless:
             cpu = not _cuda_available()
         if cpu:
             argv.append("--cpu")
-        for flag, value in (("--output-directory", output_dir), ("--input-directory", input_dir),
+        for flag, value in (("--base-directory", base_dir), ("--output-directory", output_dir), ("--input-directory", input_dir),
                             ("--user-directory", user_dir)):
             if value:
                 Path(value).mkdir(parents=True, exist_ok=True)
@@ -124,6 +129,26 @@ class Headless:
         self.boot_seconds = time.perf_counter() - t0
         log.info("ComfyUI booted in %.1fs from %s", self.boot_seconds, self.comfy_path)
 
+    def listen(self, fn) -> None:
+        """Call ``fn(event, data)`` for what a server would send its clients: the executor's events
+        ("executing", "executed", ...) and "progress" ({"node", "value", "max"}) from every node's
+        ``comfy.utils.ProgressBar``, as main.py's hook does (Cancel is honoured there too). ``None`` stops it."""
+        import comfy.model_management
+        import comfy.utils
+        self.server.listener = fn
+        if fn is None:
+            comfy.utils.set_progress_bar_global_hook(None)
+            return
+        from comfy_execution.utils import get_executing_context
+
+        def hook(value, total, preview_image, prompt_id=None, node_id=None):
+            ctx = get_executing_context()
+            if node_id is None:
+                node_id = ctx.node_id if ctx is not None else self.server.last_node_id
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            fn("progress", {"node": node_id, "value": value, "max": total})
+        comfy.utils.set_progress_bar_global_hook(hook)
+
     # -- node definitions ---------------------------------------------------------------------
     @property
     def node_classes(self) -> dict:
@@ -175,10 +200,14 @@ class Headless:
         return {"prompt_id": prompt_id, "outputs": self.executor.history_result["outputs"], "seconds": seconds}
 
     def run_workflow(self, workflow: dict | str | os.PathLike, tiny: bool = False, extra_data: dict | None = None,
-                     mini: bool = False) -> dict:
+                     mini: bool = False, edit_prompt=None) -> dict:
+        """``edit_prompt(prompt) -> prompt``: changes the API prompt before it runs (the demo's own
+        settings); the workflow embedded in saved PNGs stays the file's."""
         if not isinstance(workflow, dict):
             workflow = self.load_workflow(workflow)
         prompt = self.to_prompt(workflow, tiny=tiny, mini=mini)
+        if edit_prompt is not None:
+            prompt = edit_prompt(prompt)
         # Like the frontend: the workflow travels with the prompt, so saved PNGs carry it.
         extra = {"extra_pnginfo": {"workflow": workflow}} if "nodes" in workflow else {}
         extra.update(extra_data or {})
