@@ -122,10 +122,12 @@ def _req_name(line: str) -> str:
     return m.group(1).lower().replace("_", "-") if m else ""
 
 
-# Development tools (pytest, playwright, comfy-cli, ruff: requirements-dev.txt) live in .tools/ of this
+# Development tools (pytest, playwright, comfy-cli, ruff: requirements-dev.txt) live in .tools/<env>/ of this
 # checkout, not in the environment ComfyUI runs in; `test` and `setup` (for comfy-cli) install them there
 # when the environment lacks them, and put .tools/ on PYTHONPATH for what they start.
-TOOLS_DIR = ROOT / ".tools"
+# One folder per Python environment (what it holds was chosen and pruned against that environment).
+TOOLS_DIR = ROOT / ".tools" / (f"py{sys.version_info[0]}{sys.version_info[1]}-"
+                               + __import__("hashlib").sha1(sys.prefix.encode()).hexdigest()[:8])
 DEV_MODULES = {line.strip().replace("-", "_"): line.strip()
                for line in (ROOT / "requirements-dev.txt").read_text().splitlines()
                if line.strip() and not line.lstrip().startswith("#")}
@@ -159,7 +161,7 @@ def ensure_dev_tools(modules=tuple(DEV_MODULES)) -> list[str]:
         return []
     dists = [DEV_MODULES[m] for m in missing]
     print(f"[atelier] test tools {', '.join(dists)} are not in {sys.executable}: installing them into "
-          f"{TOOLS_DIR.relative_to(ROOT)}/ (not into the environment ComfyUI runs in)", flush=True)
+          f"{TOOLS_DIR}/ (not into the environment ComfyUI runs in)", flush=True)
     try:
         _pip(["--target", str(TOOLS_DIR), "--upgrade", "--quiet"] + dists)
     except subprocess.CalledProcessError as e:
