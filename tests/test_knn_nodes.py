@@ -190,7 +190,8 @@ def test_two_databases_workflow_retrieves_from_each(knn_env, comfy, run_graph):
         if n["class_type"] == "AtelierKNNBuildIndex":
             assert n["inputs"]["index_name"].endswith("_tiny")
             n["inputs"]["index_name"] = "test_" + n["inputs"]["index_name"]
-    r = run_graph(prompt, want=retrieves + decodes + list(worlds))
+    builds = sorted(nid for nid, n in prompt.items() if n["class_type"] == "AtelierKNNBuildIndex")
+    r = run_graph(prompt, want=retrieves + decodes + list(worlds) + builds)
     colours = {}
     for nid in retrieves:
         hits = r["values"][nid][2]
@@ -203,3 +204,123 @@ def test_two_databases_workflow_retrieves_from_each(knn_env, comfy, run_graph):
     assert a and b and not a & b, f"each database must give its own images: {a} vs {b}"
     img_a, img_b = (r["values"][nid][0] for nid in decodes)
     assert (img_a - img_b).abs().max() > 1e-4
+
+    # database B is a Milvus collection (embedded Milvus Lite); on faiss the same images give the same neighbours
+    builds = {nid: prompt[nid] for nid in builds}
+    backends = {n["inputs"].get("backend") for n in builds.values()}
+    assert backends == {"faiss", "milvus"}
+    by_backend = {n["inputs"]["backend"]: nid for nid, n in builds.items()}
+    milvus_retrieve = next(nid for nid in retrieves if prompt[nid]["inputs"]["index"][0] == by_backend["milvus"])
+    on_milvus = r["values"][milvus_retrieve][2]
+    assert type(r["values"][by_backend["milvus"]][0]).__name__ == "MilvusIndex"
+    prompt[by_backend["milvus"]]["inputs"].update(backend="faiss", index_name="test_b_on_faiss")
+    on_faiss = run_graph(prompt, want=[milvus_retrieve])["values"][milvus_retrieve][2]
+    assert on_faiss.paths == on_milvus.paths and on_faiss.root == on_milvus.root
+    np.testing.assert_allclose(on_faiss.scores, on_milvus.scores, atol=1e-5)
+    np.testing.assert_allclose(on_faiss.embeddings, on_milvus.embeddings, rtol=1e-5, atol=1e-6)
+
+
+def _workflow(comfy, name):
+    from atelier_testlib import ROOT
+    return comfy.to_prompt(json.loads((ROOT / "workflows" / name).read_text()), tiny=True)
+
+
+def test_build_index_workflow_gives_the_same_neighbours_on_both_backends(knn_env, comfy, run_graph, monkeypatch,
+                                                                        caplog):
+    """workflows/knn_build_index.json on faiss and on Milvus Lite: the same neighbours; a token set in the
+    environment reaches the client but never the workflow, the prompt, the outputs or a log line."""
+    import logging
+    secret = "root:NeverShowThis77"
+    monkeypatch.setenv("ATELIER_MILVUS_TOKEN", secret)
+    hits = {}
+    for backend in ("faiss", "milvus"):
+        prompt = _workflow(comfy, "knn_build_index.json")
+        for n in prompt.values():
+            if n["class_type"] == "AtelierWorldFolder":
+                n["inputs"].update(count=8, size=64, folder="test_same_neighbours")
+            if n["class_type"] == "AtelierKNNBuildIndex":
+                n["inputs"].update(backend=backend, index_name=f"test_same_{backend}")
+        retrieve = next(nid for nid, n in prompt.items() if n["class_type"] == "AtelierKNNRetrieve")
+        with caplog.at_level(logging.DEBUG):
+            r = run_graph(prompt, want=[retrieve])
+        hits[backend] = r["values"][retrieve][2]
+        assert secret not in json.dumps(prompt) and "NeverShowThis77" not in r["values"][retrieve][3]
+    assert hits["faiss"].paths == hits["milvus"].paths and len(hits["faiss"].paths) == 4
+    np.testing.assert_allclose(hits["faiss"].scores, hits["milvus"].scores, atol=1e-5)
+    from atelier_testlib import ROOT
+    for wf in ROOT.glob("workflows/knn_*.json"):
+        assert "ATELIER_MILVUS_TOKEN" not in wf.read_text() or "NeverShowThis77" not in wf.read_text()
+    assert caplog.records and not [r_ for r_ in caplog.records if "NeverShowThis77" in r_.getMessage()]
+    assert "NeverShowThis77" not in caplog.text
+
+
+def _snapshot(folder: Path, skip: str) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and skip not in p.parts}
+
+
+def _milvus_load(uri, collection="test_anything"):
+    return {"40": {"class_type": "AtelierKNNIndexLoader", "inputs": {
+        "database": "warm", "memory_map": "auto", "backend": "milvus", "milvus_uri": uri, "collection": collection}},
+        "41": {"class_type": "PreviewAny", "inputs": {"source": ["40", 1]}}}
+
+
+def test_unreachable_milvus_and_wrong_credentials_are_clear_and_touch_nothing(knn_env, comfy, run_graph,
+                                                                             monkeypatch):
+    import socket
+    from concurrent import futures
+
+    import grpc
+    headless = load_tool("headless")
+    monkeypatch.setenv("ATELIER_MILVUS_TOKEN", "root:NeverShowThis77")
+    run_graph(_build("warm", "knn_warm"), want=["11"])
+    indexes = Path(comfy.folder_paths.get_folder_paths(knn_env.FOLDER_INDEX)[0])
+    before = _snapshot(indexes, knn_env.MILVUS_LITE_FILE)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(headless.WorkflowError, match="milvus_uri: cannot reach the Milvus server at "
+                                                     + closed.replace(".", r"\.")) as e:
+        run_graph(_milvus_load(closed))
+    assert "NeverShowThis77" not in str(e.value)
+
+    class Deny(grpc.GenericRpcHandler):  # a listener answering like Milvus to a wrong user/password
+        def service(self, details):
+            def handler(request, context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "auth check failure, please check username and "
+                                                               "password are correct")
+            return grpc.unary_unary_rpc_method_handler(handler)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((Deny(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with pytest.raises(headless.WorkflowError, match="refused the credentials.*ATELIER_MILVUS_TOKEN") as e:
+            run_graph(_milvus_load(f"http://127.0.0.1:{port}"))
+        assert "NeverShowThis77" not in str(e.value)
+        with pytest.raises(headless.WorkflowError, match="carries a user or password"):
+            run_graph(_milvus_load(f"http://root:pw@127.0.0.1:{port}"))
+    finally:
+        server.stop(0)
+    with pytest.raises(headless.WorkflowError, match="no Atelier kNN collection 'test_missing'"):
+        run_graph(_milvus_load("", "test_missing"))
+    assert _snapshot(indexes, knn_env.MILVUS_LITE_FILE) == before, "no local index was touched"
+    r = run_graph(_generate("warm"), want=["12"])  # the server keeps running: the local index still answers
+    assert len(r["values"]["12"][2].paths) == 3
+
+
+def test_milvus_token_comes_from_the_environment_or_a_token_file_never_an_input(knn_env, comfy, monkeypatch,
+                                                                               tmp_path):
+    fp = comfy.folder_paths
+    monkeypatch.delenv("ATELIER_MILVUS_TOKEN", raising=False)
+    assert knn_env.milvus_token() == ""
+    token_file = tmp_path / "milvus_token"
+    token_file.write_text("user:FromTheFile9\n")
+    monkeypatch.setitem(fp.folder_names_and_paths, knn_env.FOLDER_MILVUS_TOKEN, ([str(token_file)], set()))
+    assert knn_env.milvus_token() == "user:FromTheFile9"
+    monkeypatch.setenv("ATELIER_MILVUS_TOKEN", "user:FromTheEnv8")
+    target = knn_env.milvus_target("http://milvus.example:19530", "c", "collection")
+    assert target.token == "user:FromTheEnv8" and "FromTheEnv8" not in repr(target)
+    for node in (knn_env.AtelierKNNBuildIndex, knn_env.AtelierKNNIndexLoader):
+        names = [i.id for i in node.GET_SCHEMA().inputs]
+        assert not [n for n in names if "token" in n or "password" in n], names

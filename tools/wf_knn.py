@@ -25,9 +25,10 @@ def _embedder(g):
                   clip_name=OPEN_CLIP, architecture=OPEN_CLIP_ARCH)
 
 
-def _build(g, emb, folder_out, name):
-    return g.node("AtelierKNNBuildIndex", title=f"Build index '{name}'", embedder=emb[0], folder=folder_out[0],
-                  index_name=name, index_type="auto", rebuild=False, batch_size=16)
+def _build(g, emb, folder_out, name, backend="faiss"):
+    where = "" if backend == "faiss" else " (Milvus)"
+    return g.node("AtelierKNNBuildIndex", title=f"Build index '{name}'{where}", embedder=emb[0], folder=folder_out[0],
+                  index_name=name, index_type="auto", rebuild=False, batch_size=16, backend=backend, milvus_uri="")
 
 
 def _retrieve(g, index, emb, text, title="Retrieve by text"):
@@ -86,14 +87,17 @@ def knn_text_to_unclip(g):
 
 def knn_two_databases(g):
     g.note("The same prompt, seed and model on two databases: warm-coloured shapes (A) and cool-coloured shapes "
-           "(B). Only the retrieved neighbours differ, and so does the picture. With your own images, build one "
-           "index per folder and pick it in Atelier kNN Load Index (the database combo) instead of building here.")
+           "(B). Only the retrieved neighbours differ, and so does the picture. Database A is a local faiss index; "
+           "database B lives in Milvus (backend milvus: with milvus_uri empty, the embedded Milvus Lite file "
+           "models/atelier/knn_index/atelier_milvus.db; type http://host:19530 for a Milvus server, with the token in "
+           "ATELIER_MILVUS_TOKEN, never in the workflow). With your own images, build one index per folder and pick "
+           "it in Atelier kNN Load Index instead of building here.")
     ck, pos, neg = _unclip(g, PROMPT)
     emb = _embedder(g)
     lat = _latent(g)  # one latent for both: the same start, only the neighbours differ
-    for spec, name, tag in ((WARM, "demo_warm_shapes", "A"), (COOL, "demo_cool_shapes", "B")):
+    for spec, name, tag, backend in ((WARM, "demo_warm_shapes", "A", "faiss"), (COOL, "demo_cool_shapes", "B", "milvus")):
         world = _world(g, spec)
-        index = _build(g, emb, world, name)
+        index = _build(g, emb, world, name, backend)
         hits = _retrieve(g, index, emb, PROMPT, title=f"Retrieve from database {tag}")
         _generate(g, ck, pos, neg, hits, f"atelier_knn_database_{tag.lower()}", title=f"Database {tag}", lat=lat)
 
