@@ -169,7 +169,7 @@ def _asked_shape(prompt: dict, node_id: str):
     link, scale = prompt[link[0]]["inputs"]["samples"], 1.0
     while isinstance(link, list):
         inputs = prompt[link[0]]["inputs"]
-        if prompt[link[0]]["class_type"] == "EmptyLatentImage":
+        if prompt[link[0]]["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
             return inputs["batch_size"], round(inputs["height"] * scale), round(inputs["width"] * scale)
         scale *= float(inputs.get("scale", 1.0)) * float(inputs.get("texture_scale", 1.0))
         link = next((inputs[k] for k in ("samples", "latent_image", "latent") if isinstance(inputs.get(k), list)), None)
