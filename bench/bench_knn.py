@@ -10,6 +10,15 @@ Part 2, embedding: a full `build_index` of a folder of generated images with a t
     python bench/bench_knn.py --n 1000000          # the SPEC figure (~10 min on 2 cores)
     python bench/bench_knn.py --n 20000 --queries 200 --embed-images 64   # quick
 
+Part 3, the Milvus backend (models/knn_milvus.py, issue 19): the same vectors (the first --milvus-n of them)
+upserted through pymilvus into a collection exactly as Build Index does (16 hash-range partitions, index type by
+size), into Milvus Lite (a .db file, the default) or a server (--milvus-uri http://host:19530); insert and index
+time, recall@k against exact search over the same subset, single-query p50/p99 over the whole collection and
+over one partition (a shard), next to faiss on the same subset. Then an estimate of a 100M-vector deployment
+from the measured per-shard figures (see estimate_100m for the assumptions).
+
+    python bench/bench_knn.py --n 1000000 --milvus-n 100000 --embed-images 0   # issue 19's table
+
 Prints a table and one JSON object (also written to --out).
 """
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import sys
 import tempfile
@@ -91,7 +101,8 @@ def time_queries(knn_index, index, info, q, k, vectors, nprobe, gt) -> dict:
         found.append(len(set(ids[0].tolist()) & set(gt[i].tolist())) / k)
     lat = np.array(lat) * 1e3
     return {"nprobe": nprobe, "recall": round(float(np.mean(found)), 4),
-            "p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3)}
+            "p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3),
+            "lat": lat}
 
 
 def bench_index(args, knn_index, faiss) -> list[dict]:
@@ -127,6 +138,10 @@ def bench_index(args, knn_index, faiss) -> list[dict]:
             r2 = rss()
             mm_row = time_queries(knn_index, mm, info, q, args.k, x, info.get("nprobe"), gt)
             del mm
+        default = next((r for r in rows if r["nprobe"] == info.get("nprobe")), rows[0])
+        lat_ms = default["lat"]
+        for r in [*rows, mm_cold, mm_row]:
+            r.pop("lat", None)
         ok = [r for r in rows if r["recall"] >= args.target_recall]
         res = {
             "kind": info["kind"], "params": info, "n": args.n, "dim": args.dim, "build_s": round(build_s, 1),
@@ -138,9 +153,133 @@ def bench_index(args, knn_index, faiss) -> list[dict]:
                      "file_mib_after_queries": r2.get("RssFile"), "first_pass": mm_cold, **mm_row},
             "best_meeting_target": min(ok, key=lambda r: r["p50_ms"]) if ok else None,
         }
-        results.append(res)
         print(f"{info['kind']}: built in {build_s:.1f} s; " + json.dumps(res), file=sys.stderr, flush=True)
+        res["lat_ms"] = lat_ms
+        results.append(res)
     return results
+
+
+def _latency(fn, q, k, gt, warm=10) -> dict:
+    for i in range(min(warm, len(q))):
+        fn(q[i])
+    lat, found = [], []
+    for i in range(len(q)):
+        t = time.perf_counter()
+        ids = fn(q[i])
+        lat.append(time.perf_counter() - t)
+        if gt is not None:
+            found.append(len(set(ids) & set(gt[i].tolist())) / k)
+    lat = np.array(lat) * 1e3
+    return {"recall": round(float(np.mean(found)), 4) if found else None,
+            "p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3),
+            "latencies_ms": lat}
+
+
+def bench_milvus(args, knn_index, faiss, x, q) -> dict:
+    """Both backends on the same vectors x (n_m, dim): faiss in-process, and a Milvus collection."""
+    knn_milvus = load_models("knn_milvus")
+    n, dim = x.shape
+    nq = min(len(q), args.milvus_queries)
+    q = q[:nq]
+    t = time.perf_counter()
+    gt = exact_topk(x, q, args.k)
+    print(f"milvus part: {n} vectors, ground truth {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    out = {"n": n, "dim": dim, "queries": nq}
+    # faiss on the same subset, as Build Index would index it
+    faiss.omp_set_num_threads(args.build_threads)
+    t = time.perf_counter()
+    index, info = knn_index.build(x, "auto", seed=args.seed)
+    fb = time.perf_counter() - t
+    faiss.omp_set_num_threads(args.query_threads)
+    f = _latency(lambda v: knn_index.search(index, info, v[None], args.k, x)[1][0].tolist(), q, args.k, gt)
+    out["faiss"] = {"kind": info["kind"], "nprobe": info.get("nprobe"), "build_s": round(fb, 1),
+                    **{k: v for k, v in f.items() if k != "latencies_ms"}}
+    del index
+    gc.collect()
+    tmp = tempfile.mkdtemp(dir=args.tmp)
+    uri = args.milvus_uri or os.path.join(tmp, "bench_milvus.db")
+    target = knn_milvus.MilvusTarget(uri, "atelier_bench", token=os.environ.get(knn_milvus.TOKEN_ENV, ""))
+    call = knn_milvus._Call(target)
+    knn_milvus._ensure_meta(call)
+    knn_milvus.drop_collection(call, "atelier_bench")
+    r0 = rss()
+    t = time.perf_counter()
+    knn_milvus._create_collection(call, "atelier_bench", dim)
+    chunk = 4096
+    for s in range(0, n, chunk):
+        rows = [{"key": knn_milvus.path_key(str(i)), "path": str(i), "size": 0, "mtime_ns": 0, "sha256": "",
+                 "norm": 1.0, "vector": v} for i, v in zip(range(s, min(n, s + chunk)), x[s:s + chunk].tolist())]
+        knn_milvus._upsert(call, "atelier_bench", rows)
+        if (s // chunk) % 10 == 0:
+            print(f"\r  milvus upsert {s + len(rows)}/{n} ({(s + len(rows)) / (time.perf_counter() - t):.0f}/s)",
+                  end="", file=sys.stderr, flush=True)
+    insert_s = time.perf_counter() - t
+    kind = knn_milvus.choose_kind(n, "auto", target.lite)
+    spec = knn_milvus.index_params(kind, n, dim)
+    t = time.perf_counter()
+    knn_milvus._set_index(call, "atelier_bench", spec)
+    index_s = time.perf_counter() - t
+    r1 = rss()
+    assert knn_milvus.count(call, "atelier_bench") == n
+    print(f"\n  milvus: upsert {insert_s:.1f} s, index {index_s:.1f} s ({spec})", file=sys.stderr, flush=True)
+
+    def search(v, partitions=None):
+        res = call.client.search("atelier_bench", data=[v.tolist()], limit=args.k, output_fields=["path"],
+                                 anns_field="vector", partition_names=partitions,
+                                 search_params={"metric_type": "IP", "params": spec["search"]})
+        return [int(h["entity"]["path"]) for h in res[0]]
+
+    m = _latency(search, q, args.k, gt)
+    shard = _latency(lambda v: search(v, ["h0"]), q, args.k, None)
+    h0 = int(call.client.query("atelier_bench", filter='key like "0%"', output_fields=["count(*)"])[0]["count(*)"])
+    disk = sum(p.stat().st_size for p in Path(uri).rglob("*") if p.is_file()) if target.lite else None
+    out["milvus"] = {"uri": target.shown_uri, "engine": "Milvus Lite " + _version("milvus_lite") if target.lite
+                     else "Milvus server", "pymilvus": _version("pymilvus"), "kind": kind, "index": spec,
+                     "upsert_s": round(insert_s, 1), "upsert_rows_per_s": round(n / insert_s),
+                     "index_s": round(index_s, 1), "build_s": round(insert_s + index_s, 1),
+                     "rss_increase_mib": round(r1.get("VmRSS", 0) - r0.get("VmRSS", 0), 1),
+                     "disk_mib": round(disk / 2**20, 1) if disk else None,
+                     **{k: v for k, v in m.items() if k != "latencies_ms"},
+                     "shard": {"partition": "h0", "rows": h0, "p50_ms": shard["p50_ms"], "p99_ms": shard["p99_ms"]}}
+    knn_milvus.drop_collection(call, "atelier_bench")
+    return out, f["latencies_ms"], shard["latencies_ms"]
+
+
+def estimate_100m(shard_n: int, dim: int, lat_ms: np.ndarray, shard_bytes: float, k: int, what: str,
+                  total: int = 100_000_000) -> dict:
+    """A 100M-vector deployment from one measured shard of `shard_n` vectors.
+
+    Assumptions: the vectors are split by file-hash range into S = ceil(total / shard_n) shards of that size, each
+    searched at the same time on its own core (the shards spread over query nodes), at the single-thread latency
+    distribution measured for one shard; a query waits for the slowest of its S shard searches, so its median is
+    the per-shard latency quantile 0.5^(1/S) of the measured distribution (capped at the slowest measured query);
+    the S top-k lists are merged on the client (measured here); network round trips are not included (add ~0.2-1
+    ms on a LAN). Memory: S times the measured bytes of one shard's index."""
+    shards = int(math.ceil(total / shard_n))
+    qtl = 0.5 ** (1.0 / shards)
+    p50_shard = float(np.quantile(lat_ms, qtl))
+    rng = np.random.default_rng(0)
+    lists = [(rng.random(k).astype(np.float32), rng.integers(0, total, k)) for _ in range(shards)]
+    t = time.perf_counter()
+    for _ in range(20):
+        sc = np.concatenate([a for a, _ in lists])
+        ids = np.concatenate([b for _, b in lists])
+        ids[np.argpartition(-sc, k - 1)[:k]]
+    merge_ms = (time.perf_counter() - t) / 20 * 1e3
+    return {"from": what, "total_vectors": total, "shard_vectors": shard_n, "shards": shards,
+            "per_shard_quantile_for_p50": round(qtl, 5), "p50_ms": round(p50_shard + merge_ms, 2),
+            # without the measured tail (shards on quiet, dedicated cores): the per-shard median + merge
+            "p50_ms_no_tail": round(float(np.median(lat_ms)) + merge_ms, 2),
+            "merge_ms": round(merge_ms, 3), "memory_gib": round(shards * shard_bytes / 2**30, 1),
+            "memory_gib_per_shard": round(shard_bytes / 2**30, 3), "dim": dim}
+
+
+def _version(mod: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(mod.replace("_", "-"))
+    except Exception:  # noqa: BLE001
+        return "?"
 
 
 def bench_embedding(args, knn) -> dict:
@@ -197,6 +336,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tmp", default=None, help="scratch folder (default: system temp)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--backends", default="faiss,milvus", help="faiss, milvus or both (comma list)")
+    ap.add_argument("--milvus-n", type=int, default=None,
+                    help="vectors for the Milvus part (the first of the same set; default --n)")
+    ap.add_argument("--milvus-uri", default=None, help="a Milvus server (http://host:19530) instead of Milvus Lite")
+    ap.add_argument("--milvus-queries", type=int, default=200, help="queries timed on both backends in part 3")
     args = ap.parse_args(argv)
 
     import faiss
@@ -204,7 +348,24 @@ def main(argv=None) -> int:
     knn, knn_index = load_models("knn", "knn_index")
     result = {"machine": {"cpus": os.cpu_count(), "faiss": faiss.__version__,
                           "faiss_simd": getattr(faiss, "get_compile_options", lambda: "?")()},
-              "index": bench_index(args, knn_index, faiss) if args.n else []}
+              "index": bench_index(args, knn_index, faiss) if args.n and "faiss" in args.backends else []}
+    if "milvus" in args.backends:
+        nm = min(args.milvus_n or args.n, args.n)
+        data = clustered(args.n + args.queries, args.dim, args.seed, args.noise)  # the same vectors as part 1
+        mres, f_lat, _s_lat = bench_milvus(args, knn_index, faiss, np.ascontiguousarray(data[:nm]), data[args.n:])
+        del data
+        gc.collect()
+        result["milvus"] = mres
+        est = []
+        for r in result["index"]:  # the largest faiss shard measured in this run (part 1)
+            if r["kind"] in ("ivf", "ivfpq", "flat") and "lat_ms" in r:
+                est.append(estimate_100m(r["n"], r["dim"], r.pop("lat_ms"), r["index_file_mib"] * 2**20, args.k,
+                                         f"faiss {r['kind']} shard of {r['n']} (part 1, nprobe {r['params'].get('nprobe')})"))
+        est.append(estimate_100m(nm, args.dim, f_lat, nm * args.dim * 4, args.k,
+                                 f"faiss {mres['faiss']['kind']} shard of {nm} (part 3)"))
+        result["estimate_100m"] = est
+    for r in result["index"]:
+        r.pop("lat_ms", None)
     if args.embed_images:
         result["embedding"] = bench_embedding(args, knn)
 
@@ -216,6 +377,21 @@ def main(argv=None) -> int:
         print(f"{r['kind']:6} {m['nprobe']!s:>6} {m['recall']:9.4f} {m['p50_ms']:8.3f} {m['p99_ms']:8.3f}  (mmap, 2nd pass; 1st pass p50 {m['first_pass']['p50_ms']} ms)")
         print(f"  build {r['build_s']} s, RSS +{r['build_rss_increase_mib']} MiB (peak {r['peak_rss_mib']} MiB "
               f"incl. data), file {r['index_file_mib']} MiB, mmap load +{m['anon_mib_delta_on_load']} MiB anon")
+    if "milvus" in result:
+        m = result["milvus"]
+        print(f"\nboth backends on the same {m['n']} x {m['dim']} vectors ({m['queries']} single queries, recall@{args.k} "
+              "against exact search):")
+        print(f"{'backend':28} {'index':12} {'build s':>8} {'recall':>7} {'p50 ms':>8} {'p99 ms':>8}")
+        fa, mv = m["faiss"], m["milvus"]
+        print(f"{'faiss (local)':28} {fa['kind'] + (' np' + str(fa['nprobe']) if fa['nprobe'] else ''):12} {fa['build_s']:8.1f} {fa['recall']:7.4f} "
+              f"{fa['p50_ms']:8.3f} {fa['p99_ms']:8.3f}")
+        print(f"{mv['engine']:28} {mv['index']['index_type']:12} {mv['build_s']:8.1f} {mv['recall']:7.4f} "
+              f"{mv['p50_ms']:8.3f} {mv['p99_ms']:8.3f}   (upsert {mv['upsert_rows_per_s']} rows/s, index "
+              f"{mv['index_s']} s; one partition of {mv['shard']['rows']}: p50 {mv['shard']['p50_ms']} ms)")
+        for e in result.get("estimate_100m", []):
+            print(f"100M estimate from {e['from']}: {e['shards']} shards, {e['memory_gib']} GiB, p50 {e['p50_ms']} ms "
+                  f"(per-shard quantile {e['per_shard_quantile_for_p50']} + merge {e['merge_ms']} ms; "
+                  f"{e['p50_ms_no_tail']} ms without the measured tail)")
     if "embedding" in result:
         e = result["embedding"]
         print(f"embedding: {e['images_per_s']} images/s end-to-end build, {e['embed_only_images_per_s']} images/s embed only")
