@@ -248,7 +248,7 @@ def conditioning_problem(model, conditioning, model_input: str) -> tuple[str, st
     if not isinstance(conditioning, list):
         return "not a CONDITIONING", "connect a CLIP Text Encode output"
     unet = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
-    dim, adm = unet.get("context_dim"), unet.get("adm_in_channels")
+    dim, adm = _context_dim(model), unet.get("adm_in_channels")
     for item in conditioning:
         if not (isinstance(item, (list, tuple)) and len(item) >= 2 and torch.is_tensor(item[0])):
             return "not a CONDITIONING", "connect a CLIP Text Encode output"
@@ -277,8 +277,16 @@ def check_conditioning(model, conditioning, model_input: str, cond_input: str) -
 
 
 def _context_dim(model):
+    """The text width a MODEL reads: UNet ``context_dim``, PixArt ``caption_channels``, Flux ``context_in_dim``,
+    SD3 ``context_embedder_config``'s in_features (ComfyUI's own unet_config keys)."""
     cfg = getattr(model.model, "model_config", None)
-    return (getattr(cfg, "unet_config", None) or {}).get("context_dim")
+    unet = getattr(cfg, "unet_config", None) or {}
+    for key in ("context_dim", "caption_channels", "context_in_dim"):
+        if unet.get(key) is not None:
+            return unet[key]
+    if unet.get("image_model") == "pixart_sigma" or unet.get("image_model") == "pixart_alpha":
+        return 4096  # PixArtMS's default caption width, which ComfyUI's detection leaves unset
+    return ((unet.get("context_embedder_config") or {}).get("params") or {}).get("in_features")
 
 
 # ============================================================================ user paths
