@@ -99,9 +99,9 @@ def test_strokes_drawn_in_the_browser_reach_python(server):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url, wait_until="domcontentloaded")
+            page.goto(url, wait_until="domcontentloaded", timeout=180_000)  # slow on a busy machine
             page.wait_for_function("() => !!(window.app && window.app.graph && window.LiteGraph "
-                                   "&& LiteGraph.registered_node_types['AtelierSketchCanvas'])", timeout=90_000)
+                                   "&& LiteGraph.registered_node_types['AtelierSketchCanvas'])", timeout=180_000)
             page.keyboard.press("Escape")        # a template dialog, if any
             page.evaluate("""() => {
                 const g = window.app.graph;

@@ -215,8 +215,9 @@ class Frontend:
                 server.post_json(f"/settings/{key}", value)
             except Exception:
                 pass
-        self.page.goto(server.url, wait_until="domcontentloaded")
-        self.page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=60000)
+        # Generous waits: on a busy 2-core machine the frontend's first load has taken over 60 s.
+        self.page.goto(server.url, wait_until="domcontentloaded", timeout=180_000)
+        self.page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=180_000)
         self.page.wait_for_timeout(500)
         self.close_dialogs()
 
