@@ -381,7 +381,10 @@ def _create_collection(call: _Call, coll: str, dim: int) -> None:
 
 
 def _set_index(call: _Call, coll: str, spec: dict) -> None:
-    """Put the index `spec` on the vector field (replacing another type), and load the collection."""
+    """Put the index `spec` on the vector field (replacing another type), and load the collection. Flushes first:
+    rows still in the write buffer are searched unindexed (on Milvus Lite, brute force in Python: measured
+    ~100x slower per query)."""
+    call("flushing the collection", "flush", coll)
     have = None
     try:
         have = call("describing the index", "describe_index", coll, "vector")
