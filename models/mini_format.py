@@ -1,7 +1,8 @@
 """The Atelier Mini weights format: a compact safetensors layout, pure torch (no ComfyUI).
 
 A Mini file holds three state dicts under the prefixes ``unet.``, ``clip.`` and ``vae.`` (the
-keys of ComfyUI's own diffusion_model, CLIP cond_stage_model and TAESD modules). To stay small:
+keys of ComfyUI's own diffusion_model, CLIP cond_stage_model and TAESD modules); the Mini kNN
+file holds ``unet.`` (an unCLIP diffusion_model) and ``open_clip.`` (an open_clip CLIP). To stay small:
 
 * **8-bit weights**: every floating tensor of rank >= 2 with at least ``QUANT_MIN`` elements is
   stored as int8 with one fp16 scale per output channel (symmetric absmax): ``<key>.q8`` and
@@ -22,7 +23,8 @@ from .errors import AtelierError
 
 FORMAT = "atelier-mini/1"
 QUANT_MIN = 4096
-PREFIXES = ("unet.", "clip.", "vae.")
+PREFIXES = ("unet.", "clip.", "vae.", "open_clip.")
+REQUIRED = ("unet", "clip", "vae")  # a Mini checkpoint; the Mini kNN file holds ("unet", "open_clip")
 
 
 class MiniFormatError(AtelierError):
@@ -63,15 +65,17 @@ def pack(parts: dict[str, dict[str, torch.Tensor]], token_ids: torch.Tensor | No
     return out
 
 
-def unpack(flat: dict[str, torch.Tensor], dtype=torch.float32) -> dict[str, dict[str, torch.Tensor]]:
-    """Inverse of :func:`pack`: {"unet": sd, "clip": sd, "vae": sd} in ``dtype``."""
+def unpack(flat: dict[str, torch.Tensor], dtype=torch.float32,
+           required: tuple[str, ...] = REQUIRED) -> dict[str, dict[str, torch.Tensor]]:
+    """Inverse of :func:`pack`: {"unet": sd, "clip": sd, "vae": sd} in ``dtype``; every part in
+    ``required`` must be there, other known parts are returned only when present."""
     parts: dict[str, dict[str, torch.Tensor]] = {p[:-1]: {} for p in PREFIXES}
     for full, t in flat.items():
         if full.endswith((".q8scale", ".ids", ".nrows")):
             continue
         part, _, key = full.partition(".")
         if part not in parts or not key:
-            raise MiniFormatError(f"unexpected tensor {full!r} (keys start with unet., clip. or vae.)")
+            raise MiniFormatError(f"unexpected tensor {full!r} (keys start with {', '.join(PREFIXES)})")
         if key.endswith(".q8"):
             key = key[:-3]
             scale = flat.get(full + "scale")
@@ -91,7 +95,7 @@ def unpack(flat: dict[str, torch.Tensor], dtype=torch.float32) -> dict[str, dict
         if t.is_floating_point():
             t = t.to(dtype)
         parts[part][key] = t
-    for part, sd in parts.items():
-        if not sd:
+    for part in required:
+        if not parts[part]:
             raise MiniFormatError(f"no '{part}.' tensors")
-    return parts
+    return {part: sd for part, sd in parts.items() if sd or part in required}

@@ -12,8 +12,11 @@ names get a ``_tiny`` suffix so a tiny run never touches (or trips over) an inde
 
 Mini mode (``mini=True``; the demo, the gallery, ``ATELIER_TINY_MODELS=mini``): checkpoint loaders become
 ``AtelierMiniCheckpointLoader`` of the same family instead, so the workflows draw with Atelier Mini, the
-model trained on the generated world (issue 3); names written or read get a ``_mini`` suffix (a LEP
-trained on Mini's features is never reused on the random tiny model, or the reverse).
+model trained on the generated world (issue 3); ``unCLIPCheckpointLoader`` becomes
+``AtelierMiniUnCLIPCheckpointLoader`` and ``AtelierKNNOpenCLIPLoader`` ``AtelierMiniKNNOpenCLIPLoader`` (Atelier
+Mini kNN: a trained open_clip and an unCLIP model reading its image embeddings, issue 20.5); names written or
+read get a ``_mini`` suffix (a LEP trained on Mini's features is never reused on the random tiny model, or the
+reverse; an index of tiny embeddings is never queried with Mini's).
 
 DiT and flow families (issue 17): Flux, SD3.5 and PixArt workflows load the diffusion model, the text
 encoders and the VAE with separate nodes (``UNETLoader``, ``CLIPLoader`` / ``DualCLIPLoader`` /
@@ -94,12 +97,20 @@ def substitute_tiny(prompt: dict, mini: bool = False) -> dict:
             node = _stand_in(*split[nid], mini)
         elif node["class_type"] == "unCLIPCheckpointLoader":
             name = str(node["inputs"].get("ckpt_name", ""))
-            node = {"class_type": "AtelierTinyUnCLIPCheckpointLoader", "inputs": {"seed": tiny_seed_for(name)},
-                    "_meta": {"title": f"tiny stand-in for {name}"}}
+            if mini:
+                node = {"class_type": "AtelierMiniUnCLIPCheckpointLoader", "inputs": {},
+                        "_meta": {"title": f"Atelier Mini stand-in for {name}"}}
+            else:
+                node = {"class_type": "AtelierTinyUnCLIPCheckpointLoader", "inputs": {"seed": tiny_seed_for(name)},
+                        "_meta": {"title": f"tiny stand-in for {name}"}}
         elif node["class_type"] == "AtelierKNNOpenCLIPLoader":
             name = str(node["inputs"].get("clip_name", ""))
-            node = {"class_type": "AtelierKNNTinyOpenCLIPLoader", "inputs": {"seed": tiny_seed_for(name)},
-                    "_meta": {"title": f"tiny stand-in for {name}"}}
+            if mini:
+                node = {"class_type": "AtelierMiniKNNOpenCLIPLoader", "inputs": {},
+                        "_meta": {"title": f"Atelier Mini stand-in for {name}"}}
+            else:
+                node = {"class_type": "AtelierKNNTinyOpenCLIPLoader", "inputs": {"seed": tiny_seed_for(name)},
+                        "_meta": {"title": f"tiny stand-in for {name}"}}
         else:
             for key in TINY_INDEX_NAMES.get(node["class_type"], ()):
                 value = node["inputs"].get(key)

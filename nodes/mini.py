@@ -32,11 +32,13 @@ def weights_path(family: str) -> Path:
 
 
 def _fix(family: str) -> str:
+    retrain = "train_mini_knn.py" if family == KNN_FAMILY else f"train_mini.py --family {family}"
     return (f"restore it with `git checkout -- weights/{weights_path(family).name}` in the Atelier folder "
-            f"(or reinstall the pack), or retrain it with `python tools/train_mini.py --family {family}`")
+            f"(or reinstall the pack), or retrain it with `python tools/{retrain}`")
 
 
-def read_weights(family: str, path: str | Path | None = None) -> tuple[dict, dict]:
+def read_weights(family: str, path: str | Path | None = None,
+                 required: tuple[str, ...] = mini_format.REQUIRED) -> tuple[dict, dict]:
     """(parts, metadata) of a Mini file; clear MiniWeightsError when it is missing or corrupt."""
     from safetensors import safe_open
     path = Path(path) if path else weights_path(family)
@@ -53,7 +55,7 @@ def read_weights(family: str, path: str | Path | None = None) -> tuple[dict, dic
         raise MiniWeightsError(f"Atelier Mini: {path} is not an Atelier Mini {family} file (format "
                                f"{meta.get('format')!r}, family {meta.get('family')!r}). Fix: {_fix(family)}.")
     try:
-        parts = mini_format.unpack(flat)
+        parts = mini_format.unpack(flat, required=required)
     except mini_format.MiniFormatError as e:
         raise MiniWeightsError(f"Atelier Mini: {path} is incomplete: {e}. Fix: {_fix(family)}.") from e
     return parts, meta
@@ -117,3 +119,162 @@ class AtelierMiniCheckpointLoader(io.ComfyNode):
 
 
 NODES = [AtelierMiniCheckpointLoader]
+
+
+# ----------------------------------------------------------------------------- Atelier Mini kNN (issue 20.5)
+# An image-embedding path on Mini, as SD2.1 unCLIP reads CLIP's: an unCLIP model (the SD2.1-unCLIP topology of
+# tiny_family.TinySD21UnCLIP, trained on Mini sd15's latents and text encoder and conditioned on the image
+# embedding of the same picture) and the open_clip whose embeddings a kNN index holds and the model reads
+# (trained contrastively on world images and captions). Both in weights/atelier_mini_knn.safetensors
+# (tools/train_mini_knn.py); the text encoder and the VAE are Mini sd15's, which it was trained against.
+
+KNN_FAMILY = "knn"
+KNN_PARTS = ("unet", "open_clip")
+KNN_NATIVE_PX = 64
+
+
+def _check_knn_base(meta: dict, path: Path) -> None:
+    import hashlib
+    base = weights_path("sd15")
+    want = meta.get("base_sha256")
+    if want and base.is_file() and hashlib.sha256(base.read_bytes()).hexdigest() != want:
+        raise MiniWeightsError(
+            f"Atelier Mini kNN: {path} was trained against another {base.name} (its text encoder and VAE) than "
+            f"the one installed. Fix: restore both files from the pack, or retrain it with "
+            f"`python tools/train_mini_knn.py`.")
+
+
+def read_knn_weights(path: str | Path | None = None) -> tuple[dict, dict]:
+    """(parts, metadata) of the Mini kNN file, checked against the Mini sd15 file it reads."""
+    path = Path(path) if path else weights_path(KNN_FAMILY)
+    parts, meta = read_weights(KNN_FAMILY, path, KNN_PARTS)
+    if "open_clip_config" not in meta:
+        raise MiniWeightsError(f"Atelier Mini kNN: {path} lacks its open_clip config. Fix: {_fix(KNN_FAMILY)}.")
+    _check_knn_base(meta, path)
+    return parts, meta
+
+
+def _open_clip(parts: dict, meta: dict, path: Path):
+    from ..models import knn_embed
+    cfg = json.loads(meta["open_clip_config"])
+    model = knn_embed.random_open_clip(cfg, 0)
+    try:
+        model.load_state_dict(parts["open_clip"], strict=True)
+    except RuntimeError as e:
+        raise MiniWeightsError(f"Atelier Mini kNN: {path} does not fit its open_clip config ({str(e)[:300]}). "
+                               f"Fix: {_fix(KNN_FAMILY)}.") from e
+    return model.eval(), cfg
+
+
+def load_mini_knn_embedder(path: str | Path | None = None):
+    """The Mini kNN open_clip as a kNN embedder (both towers, 32-d)."""
+    import comfy.model_management as mm
+    from ..models import knn_embed
+    path = Path(path) if path else weights_path(KNN_FAMILY)
+    parts, meta = read_knn_weights(path)
+    model, cfg = _open_clip(parts, meta, path)
+    name = f"open_clip:atelier-mini-knn:{knn_embed.file_fingerprint(path)[:16]}"
+    return knn_embed.OpenClipEmbedder(model, knn_embed._make_tokenizer(cfg), name, cfg["embed_dim"],
+                                      cfg["vision_cfg"]["image_size"], device=mm.text_encoder_device())
+
+
+def clip_vision_from_open_clip(model, cfg: dict):
+    """A ComfyUI ClipVisionModel (what Load CLIP Vision returns) holding ``model``'s image tower: the same
+    image embeddings, so core CLIP Vision Encode + unCLIP Conditioning work on Mini kNN too."""
+    import os
+    import tempfile
+
+    import comfy.clip_vision
+    vis = cfg["vision_cfg"]
+    width = int(vis["width"])
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": width,
+              "image_size": int(vis["image_size"]), "initializer_factor": 1.0, "initializer_range": 0.02,
+              "intermediate_size": int(width * vis.get("mlp_ratio", 4.0)), "layer_norm_eps": 1e-05,
+              "model_type": "clip_vision_model", "num_attention_heads": width // int(vis.get("head_width", 64)),
+              "num_channels": 3, "num_hidden_layers": int(vis["layers"]), "patch_size": int(vis["patch_size"]),
+              "projection_dim": int(cfg["embed_dim"]), "torch_dtype": "float32"}
+    fd, tmp = tempfile.mkstemp(suffix=".json", prefix="atelier_mini_clip_vision_")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f)
+        cv = comfy.clip_vision.ClipVisionModel(tmp)
+    finally:
+        os.unlink(tmp)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("visual.")}
+    missing, _ = cv.load_sd(comfy.clip_vision.convert_to_transformers(sd, "visual."))
+    if missing:
+        raise MiniWeightsError(f"Atelier Mini kNN: its image tower does not convert to a CLIP vision model "
+                               f"(missing {missing[:4]}). Fix: {_fix(KNN_FAMILY)}.")
+    return cv
+
+
+def load_mini_unclip(path: str | Path | None = None):
+    """(MODEL, CLIP, VAE, CLIP_VISION) of Atelier Mini kNN: the outputs of core unCLIPCheckpointLoader."""
+    path = Path(path) if path else weights_path(KNN_FAMILY)
+    parts, meta = read_knn_weights(path)
+    base_parts, _ = read_weights("sd15")
+    model = tiny_family.build_unclip_model(0)
+    clip = tiny_family.build_clip("sd15", 0)
+    try:
+        model.model.diffusion_model.load_state_dict(parts["unet"], strict=True)
+        clip.cond_stage_model.load_state_dict(base_parts["clip"], strict=True)
+        vae = comfy.sd.VAE(sd=base_parts["vae"])
+        register_vae_scale("sd15", float(vae.first_stage_model.vae_scale.detach()), "Atelier Mini sd15")
+    except (RuntimeError, KeyError) as e:
+        raise MiniWeightsError(f"Atelier Mini kNN: {path} does not fit the tiny SD2.1-unCLIP model "
+                               f"({str(e)[:300]}). Fix: {_fix(KNN_FAMILY)}.") from e
+    model.model.model_config.atelier_native_px = KNN_NATIVE_PX
+    oc, cfg = _open_clip(parts, meta, path)
+    log.info("Atelier Mini kNN loaded (trained %s steps, seed %s)", meta.get("steps"), meta.get("seed"))
+    return model, clip, vae, clip_vision_from_open_clip(oc, cfg)
+
+
+class AtelierMiniUnCLIPCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierMiniUnCLIPCheckpointLoader",
+            display_name="Atelier Mini unCLIP Checkpoint",
+            category="atelier/loaders",
+            description=(
+                "Atelier Mini's image-embedding model, the stand-in for unCLIP Checkpoint Loader (SD2.1 unCLIP): "
+                "trained on the generated world to draw what a 32-d image embedding of Atelier Mini kNN open_clip "
+                "shows (its colours above all), next to the text. Feed it kNN neighbours through Atelier kNN "
+                "Conditioning, or an image through CLIP Vision Encode + unCLIP Conditioning. Ships with the pack."
+            ),
+            inputs=[],
+            outputs=[
+                io.Model.Output(tooltip="The Mini unCLIP diffusion model (reads unclip_conditioning, 32-d)."),
+                io.Clip.Output(tooltip="Its text encoder (Atelier Mini sd15's)."),
+                io.Vae.Output(tooltip="Its VAE (Atelier Mini sd15's)."),
+                io.ClipVision.Output(tooltip="The image tower of Atelier Mini kNN open_clip as a CLIP vision model."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(*load_mini_unclip())
+
+
+class AtelierMiniKNNOpenCLIPLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        Embedder = io.Custom("ATELIER_KNN_EMBEDDER")  # the kNN nodes' embedder type (nodes/knn.py)
+        return io.Schema(
+            node_id="AtelierMiniKNNOpenCLIPLoader",
+            display_name="Atelier Mini kNN open_clip",
+            category="atelier/retrieval",
+            description="A toy open_clip (both towers, 32-d) trained on the generated world: text queries find "
+                        "images of the colours and shapes they name, and its image embeddings are what Atelier Mini "
+                        "unCLIP reads. Mini mode puts it in place of Atelier kNN open_clip Loader. Ships with the pack.",
+            inputs=[],
+            outputs=[Embedder.Output("embedder", display_name="embedder",
+                                     tooltip="Embedding model for the kNN nodes.")],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(load_mini_knn_embedder())
+
+
+NODES += [AtelierMiniUnCLIPCheckpointLoader, AtelierMiniKNNOpenCLIPLoader]
