@@ -10,7 +10,12 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
 import comfy.sd
+import comfy.supported_models
 from comfy_api.latest import io
 
 from ..models import mini_format
@@ -20,7 +25,49 @@ from .glue import register_vae_scale
 log = logging.getLogger("atelier.mini")
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15", "sdxl", "pixart")
+
+# ----------------------------------------------------------------------------- Mini PixArt-Σ (a DiT)
+# ComfyUI's PixArt (comfy/ldm/pixart/pixartms.py) needs a latent of at least 33 px (tiny_family.TinyPixArtSigma
+# says why). Mini PixArt is 288 px native (36 x 36 latent), patch 3 (12 x 12 tokens of 24 px), wider and deeper
+# than the tiny pixart; SDXL latent format with Mini sdxl's own VAE (the two Minis share a latent space), the
+# tiny pixart's T5-shaped text encoder (real T5 tokenizer). Trained by tools/train_mini.py --family pixart.
+
+MINI_PIXART_PX = 288
+
+
+class MiniPixArtSigma(comfy.supported_models.PixArtSigma):
+    atelier_native_px = MINI_PIXART_PX
+    unet_config = {
+        "image_model": "pixart_sigma", "input_size": MINI_PIXART_PX // 8, "patch_size": 3, "in_channels": 4,
+        "hidden_size": 128, "depth": 6, "num_heads": 2, "mlp_ratio": 4.0,
+        "caption_channels": tiny_family.T5_WIDTH, "model_max_length": 16, "micro_condition": False,
+        "pe_interpolation": None, "pred_sigma": False, "learn_sigma": False,
+    }
+    unet_extra_config = {}
+
+
+def build_model(family: str, seed: int = 0):
+    """The MODEL a Mini file of ``family`` loads into (seeded random weights until it does)."""
+    if family != "pixart":
+        return tiny_family.build_model(family, seed)
+    from ..models.seeded_init import seeded_init_
+    cfg = MiniPixArtSigma(MiniPixArtSigma.unet_config)
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({})
+    seeded_init_(model.diffusion_model, seed)
+    tiny_family._init_buffers_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build_clip(family: str, seed: int = 0):
+    """The CLIP (text encoder + its real tokenizer) of a Mini ``family``: the tiny family's."""
+    return tiny_family.build_clip(family, seed)
+
+
+def native_px(family: str) -> int:
+    return MINI_PIXART_PX if family == "pixart" else tiny_family.FAMILIES[family]["native_px"]
 
 
 class MiniWeightsError(RuntimeError):
@@ -66,13 +113,15 @@ def load_mini(family: str, path: str | Path | None = None):
     if family not in FAMILIES:
         raise MiniWeightsError(f"Atelier Mini: unknown family {family!r}; choose one of {list(FAMILIES)}.")
     parts, meta = read_weights(family, path)
-    model = tiny_family.build_model(family, 0)
-    clip = tiny_family.build_clip(family, 0)
+    model = build_model(family, 0)
+    clip = build_clip(family, 0)
     try:
         model.model.diffusion_model.load_state_dict(parts["unet"], strict=True)
         clip.cond_stage_model.load_state_dict(parts["clip"], strict=True)
         vae = comfy.sd.VAE(sd=parts["vae"])
-        register_vae_scale(family, float(vae.first_stage_model.vae_scale.detach()), f"Atelier Mini {family}")
+        # pixart draws with Mini sdxl's VAE: the VAE belongs to the sdxl latent space
+        register_vae_scale(tiny_family.FAMILIES[family].get("vae_family", family),
+                           float(vae.first_stage_model.vae_scale.detach()), f"Atelier Mini {family}")
     except (RuntimeError, KeyError) as e:
         raise MiniWeightsError(f"Atelier Mini: {path or weights_path(family)} does not fit the {family} "
                                f"family ({str(e)[:300]}). Fix: {_fix(family)}.") from e
@@ -98,17 +147,19 @@ class AtelierMiniCheckpointLoader(io.ComfyNode):
                 "Loads Atelier Mini, a tiny text-to-image model trained on Atelier's generated world of "
                 "coloured shapes (circle, square, triangle, star, cross, ring in eight colours). Prompts "
                 "like 'a red circle left of a blue square' work; other words are unknown to it. Ships with "
-                "the pack: no download. Same block layout and latent format as real SD1.5 / SDXL, so "
-                "every node that works on those works here."
+                "the pack: no download. Same block layout and latent format as real SD1.5 / SDXL / "
+                "PixArt-Σ, so every node that works on those works here."
             ),
             inputs=[
                 io.Combo.Input("family", options=list(FAMILIES), default="sd15",
                                tooltip="sd15: SD1.5 topology and latent format, 64 px native. "
-                                       "sdxl: SDXL topology and latent format, 128 px native."),
+                                       "sdxl: SDXL topology and latent format, 128 px native. "
+                                       "pixart: a PixArt-Σ DiT (T5 text encoder) in SDXL's latent format "
+                                       "with Mini sdxl's VAE, 288 px native."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The Atelier Mini diffusion model."),
-                io.Clip.Output(tooltip="Its text encoder (real CLIP tokenizer, world vocabulary)."),
+                io.Clip.Output(tooltip="Its text encoder (real CLIP tokenizer; T5 for pixart; world vocabulary)."),
                 io.Vae.Output(tooltip="Its TAESD-type VAE (8x downscale, 4 latent channels)."),
             ],
         )

@@ -43,7 +43,13 @@ log = logging.getLogger("atelier.train_mini")
 DEFAULTS = {  # per family: native px, data size, batch sizes, learning rate
     "sd15": {"px": 64, "data": 12000, "batch": 64, "vae_batch": 16, "lr": 5e-4},
     "sdxl": {"px": 128, "data": 6000, "batch": 32, "vae_batch": 32, "lr": 5e-4},
+    # a DiT (nodes/mini.MiniPixArtSigma): 288 px (ComfyUI's PixArt needs latents >= 33 px), objects drawn
+    # at their 160-px pixel size (the VAE was trained on 128 px), latents through Mini sdxl's shipped VAE
+    # (a shared latent space), eps as ComfyUI's PixArt-Σ samples
+    "pixart": {"px": 288, "scene_px": 160, "data": 1200, "batch": 16, "vae_batch": 0, "lr": 5e-4,
+               "vae_weights": "atelier_mini_sdxl.safetensors", "param": "eps"},
 }
+PARAMS = ("eps", "v", "flow")
 CROP = 32
 CAPTION_DROP = 0.1
 EMA_DECAY = 0.995
@@ -81,6 +87,13 @@ def comfy_modules():
     pkg = h.pack_module.__name__ if h is not None else _import_pack()
     return (importlib.import_module(pkg + ".nodes.tiny_family"), importlib.import_module(pkg + ".models.world"),
             importlib.import_module(pkg + ".models.mini_format"))
+
+
+def mini_module():
+    import headless
+    h = headless.Headless.current()
+    pkg = h.pack_module.__name__ if h is not None else _import_pack()
+    return importlib.import_module(pkg + ".nodes.mini")
 
 
 def gen(seed: int, stream: int, step: int) -> torch.Generator:
@@ -139,6 +152,65 @@ def load_data(world, clip, family: str, seed: int, n: int, px: int, cache_dir: P
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def world_sample(world, seed: int, index: int, px: int, scene_px: int | None = None):
+    """(image, caption) of world training sample ``index`` at ``px``; ``scene_px`` < ``px`` draws the
+    objects (and background texture) at the pixel size they have at ``scene_px``, on the larger
+    canvas: same scene, layout and caption, objects as many pixels wide as the VAE saw in training."""
+    if not scene_px or scene_px == px:
+        s = world.sample(seed, index, px)
+        return s.image, s.caption
+    import dataclasses
+    k = scene_px / px
+    specs, bg = world._draw_specs(world._rng(seed, index, world._STREAM_TRAIN), world.DEFAULT_CONFIG)
+    specs = [dataclasses.replace(sp, r=sp.r * k) for sp in specs]
+    image, objects, _m, _e = world.render(specs, dataclasses.replace(bg, period=bg.period * k), px)
+    return image, world.caption_for(objects, bg)
+
+
+def vae_from_weights(taesd, path: Path, fmt) -> dict:
+    """Load the VAE of a shipped Mini file into ``taesd`` (the 8-bit weights, dequantised: exactly
+    the VAE users get), so a new family shares that Mini's latent space; returns its metadata."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+        flat = {k: f.get_tensor(k) for k in f.keys() if k.startswith("vae.")}
+    taesd.load_state_dict(fmt.unpack({**flat, "unet.x": torch.zeros(1), "clip.x": torch.zeros(1)})["vae"])
+    log.info("vae: taken from %s (family %s, vae_scale %.4f, vae_shift %.4f)", path, meta.get("family"),
+             taesd.vae_scale.item(), taesd.vae_shift.item())
+    return meta
+
+
+@torch.no_grad()
+def encode_world(world, taesd, seed: int, n: int, px: int, scale_factor: float, folder: Path | None,
+                 chunk: int = 50, scene_px: int | None = None):
+    """Model-space latents x0 (N, 4, px/8, px/8) and captions of world samples 0..n-1, through a
+    fixed VAE (no calibration: the latent space stays that VAE's). Rendered and encoded in chunks
+    cached in ``folder`` (resumable; only latents are kept, images are not)."""
+    from tqdm import tqdm
+    zs, captions = [], []
+    for c0 in tqdm(range(0, n, chunk), desc=f"latents {px}px", mininterval=30):
+        c1 = min(n, c0 + chunk)
+        f = folder / f"latents_px{px}_scene{scene_px or px}_seed{seed}_{c0}_{c1}.npz" if folder else None
+        if f is not None and f.is_file():
+            z = np.load(f, allow_pickle=False)
+            zs.append(torch.from_numpy(z["x0"]))
+            captions += [str(c) for c in z["captions"]]
+            continue
+        samples = [world_sample(world, seed, i, px, scene_px) for i in range(c0, c1)]
+        u = taesd.taesd_encoder(to_tensor(np.stack([s[0] for s in samples])))
+        x0 = ((u / taesd.vae_scale + taesd.vae_shift) * scale_factor).float()
+        zs.append(x0)
+        captions += [s[1] for s in samples]
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(".tmp.npz")
+            np.savez(tmp, x0=x0.numpy(), captions=np.array([s[1] for s in samples]))
+            tmp.replace(f)
+    x0 = torch.cat(zs)
+    log.info("latents: %d at %d px, mean %.3f std %.3f", len(x0), px, x0.mean().item(), x0.std().item())
+    return x0, captions
 
 
 # ------------------------------------------------------------------------------------------
@@ -351,6 +423,99 @@ def make_trainable_clip(cond_model):
             m.forward = types.MethodType(_clip_layer_forward, m)
 
 
+def _t5_attn_forward(self, x, mask=None, past_bias=None, optimized_attention=None):
+    """comfy.text_encoders.t5.T5LayerSelfAttention.forward without its in-place add."""
+    output, past_bias = self.SelfAttention(self.layer_norm(x), mask=mask, past_bias=past_bias,
+                                           optimized_attention=optimized_attention)
+    return x + output, past_bias
+
+
+def _t5_ff_forward(self, x):
+    """comfy.text_encoders.t5.T5LayerFF.forward without its in-place add."""
+    return x + self.DenseReluDense(self.layer_norm(x))
+
+
+def make_trainable_t5(cond_model):
+    import types
+    import comfy.text_encoders.t5 as t5
+    for m in cond_model.modules():
+        if isinstance(m, t5.T5LayerSelfAttention):
+            m.forward = types.MethodType(_t5_attn_forward, m)
+        elif isinstance(m, t5.T5LayerFF):
+            m.forward = types.MethodType(_t5_ff_forward, m)
+
+
+def caption_tokens(clip, captions: list[str]):
+    """Variable-length token ids (T5: no padding, as ComfyUI encodes them): (key, rows, empty)."""
+    memo: dict[str, list[int]] = {}
+
+    def ids(text: str) -> list[int]:
+        if text not in memo:
+            (key_, sec), = clip.tokenize(text).items()
+            memo[text] = [t for t, _w in sec[0]]
+        return memo[text]
+
+    (key, _), = clip.tokenize("a").items()
+    return key, [ids(c) for c in captions], ids("")
+
+
+def draw_same_length(rows: list[list[int]], by_len: dict[int, torch.Tensor], batch: int, g: torch.Generator):
+    """A batch of data indices whose captions have one token length (a batch's text tokens are not
+    padded), the length drawn with the data's own frequencies."""
+    i0 = int(torch.randint(0, len(rows), (1,), generator=g))
+    bucket = by_len[len(rows[i0])]
+    return bucket[torch.randint(0, len(bucket), (batch,), generator=g)]
+
+
+def noised(ms, param: str, x0, g: torch.Generator):
+    """(sigma, x_t, target) for one loss: eps / v on the model's discrete schedule, or flow matching
+    (x_t = (1 - t) x0 + t eps, target eps - x0, t logit-normal as in SD3) for CONST model_sampling."""
+    b = x0.shape[0]
+    eps = torch.randn(x0.shape, generator=g)
+    if param == "flow":
+        sigma = torch.sigmoid(torch.randn(b, generator=g))
+        s = sigma.view(-1, 1, 1, 1)
+        return sigma, (1 - s) * x0 + s * eps, eps - x0
+    t = torch.randint(0, len(ms.sigmas), (b,), generator=g)
+    sigma = ms.sigmas[t].float()
+    s = sigma.view(-1, 1, 1, 1)
+    xt = x0 + eps * s
+    if param == "v":  # ComfyUI's V_PREDICTION: denoised = x sd^2/(s^2+sd^2) - out s sd/sqrt(s^2+sd^2)
+        sd = ms.sigma_data
+        target = (eps * sd - x0 * s) / (s ** 2 + sd ** 2) ** 0.5
+        return sigma, xt, target
+    return sigma, xt, eps
+
+
+def check_param(ms, param: str, family: str) -> None:
+    """The parameterisation must be the one ComfyUI's model_sampling of the family inverts."""
+    import comfy.model_sampling as cms
+    kind = "flow" if isinstance(ms, cms.CONST) else "v" if isinstance(ms, cms.V_PREDICTION) else \
+        "eps" if isinstance(ms, cms.EPS) else type(ms).__name__
+    if param != kind:
+        raise ValueError(f"--param {param}: the {family} model samples as {kind!r} "
+                         f"({type(ms).__name__}); train it with --param {kind}")
+
+
+def dit_loss(base, cond_model, key: str, param: str, x0, toks: list[list[int]], g: torch.Generator):
+    """One loss of a DiT with a T5-type encoder: rows are grouped by token length (each group
+    encoded and denoised on its own, as ComfyUI would), the loss taken over the whole batch."""
+    ms = base.model_sampling
+    sigma, xt, target = noised(ms, param, x0, g)
+    xin, ts = ms.calculate_input(sigma.view(-1, 1, 1, 1), xt), ms.timestep(sigma).float()
+    groups: dict[int, list[int]] = {}
+    for j, t in enumerate(toks):
+        groups.setdefault(len(t), []).append(j)
+    outs, order = [], []
+    encoder = getattr(cond_model, key)
+    for _n, js in sorted(groups.items()):
+        context = encoder([toks[j] for j in js])[0]
+        outs.append(base.diffusion_model(xin[js], ts[js], context=context))
+        order += js
+    out = torch.cat(outs)[torch.argsort(torch.tensor(order))]
+    return F.mse_loss(out.float(), target)
+
+
 def trainable(base, cond_model) -> dict[str, torch.nn.Parameter]:
     named = {f"unet.{k}": p for k, p in base.diffusion_model.named_parameters()}
     named.update({f"clip.{k}": p for k, p in cond_model.named_parameters()})
@@ -359,9 +524,12 @@ def trainable(base, cond_model) -> dict[str, torch.nn.Parameter]:
 
 def train_unet(base, cond_model, family: str, px: int, x0_all, toks, empty, seed: int, steps: int,
                batch: int, lr: float, ckpt: Checkpoint | None, every: int, resume: bool, curve: list,
-               log_every: int = 100, anneal: int = 0):
+               log_every: int = 100, anneal: int = 0, batch_loss=None):
+    """``batch_loss(g)``: the step's loss from the step's generator (a DiT family's); default: the
+    UNet families' eps loss on fixed-length CLIP tokens."""
     from tqdm import tqdm
     make_trainable_clip(cond_model)
+    make_trainable_t5(cond_model)
     named = trainable(base, cond_model)
     params = list(named.values())
     for p in params:
@@ -388,11 +556,14 @@ def train_unet(base, cond_model, family: str, px: int, x0_all, toks, empty, seed
         done = start
     for step in bar:
         g = gen(seed, 2, step)
-        idx = torch.randint(0, n, (batch,), generator=g)
-        drop = torch.rand(batch, generator=g) < CAPTION_DROP
-        tk = {k: torch.where(drop[:, None], empty[k][None], v[idx]) for k, v in toks.items()}
         set_lr(opt, lr, step, steps, min(200, steps // 10 + 1), "const", anneal)
-        loss = eps_loss(base, cond_model, family, px, x0_all[idx], tk, g)
+        if batch_loss is not None:
+            loss = batch_loss(g)
+        else:
+            idx = torch.randint(0, n, (batch,), generator=g)
+            drop = torch.rand(batch, generator=g) < CAPTION_DROP
+            tk = {k: torch.where(drop[:, None], empty[k][None], v[idx]) for k, v in toks.items()}
+            loss = eps_loss(base, cond_model, family, px, x0_all[idx], tk, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -429,7 +600,7 @@ def train(family: str, seed: int = 0, steps: int = 6000, vae_steps: int = 600, d
           batch: int | None = None, lr: float | None = None, out: str | Path | None = None,
           ckpt_dir: str | Path | None = None, resume: bool = False, every: int = 250,
           vae_batch: int | None = None, log_every: int | None = None, vae_from: str | Path | None = None,
-          anneal: int = 0) -> dict:
+          anneal: int = 0, param: str | None = None, data_only: bool = False) -> dict:
     """Train one family; write the Mini file to ``out`` (if given); return a summary dict.
 
     ``log_every``: loss-curve interval (default 50 VAE / 100 UNet steps; 1 records every step's
@@ -438,10 +609,13 @@ def train(family: str, seed: int = 0, steps: int = 6000, vae_steps: int = 600, d
     d = DEFAULTS[family]
     data, batch, lr = data or d["data"], batch or d["batch"], lr or d["lr"]
     vae_batch = vae_batch or d["vae_batch"]
-    px = tiny.FAMILIES[family]["native_px"]
     ckpt = Checkpoint(Path(ckpt_dir)) if ckpt_dir else None
     t0 = time.time()
     torch.manual_seed(seed)
+    if "vae_weights" in d:
+        return train_dit(family, seed, steps, data, batch, lr, out, ckpt, resume, every, log_every, anneal,
+                         param or d["param"], data_only)
+    px = tiny.FAMILIES[family]["native_px"]
 
     patcher = tiny.build_model(family, seed)
     base = patcher.model
@@ -493,14 +667,76 @@ def train(family: str, seed: int = 0, steps: int = 6000, vae_steps: int = 600, d
     return summary
 
 
-def write_weights(path, fmt, family, base, cond_model, taesd, toks, empty, summary, world):
+def train_dit(family: str, seed: int, steps: int, data: int, batch: int, lr: float, out, ckpt: Checkpoint | None,
+              resume: bool, every: int, log_every: int | None, anneal: int, param: str, data_only: bool) -> dict:
+    """A DiT family (DEFAULTS[family]["vae_weights"]): the VAE of a shipped Mini (not trained here),
+    world latents through it (phase "latents", cached), then DiT + T5 jointly (phase "unet")."""
+    tiny, world, fmt = comfy_modules()
+    mini = mini_module()
+    d = DEFAULTS[family]
+    px = d["px"]
+    t0 = time.time()
+    patcher = mini.build_model(family, seed)
+    base = patcher.model
+    check_param(base.model_sampling, param, family)
+    with torch.no_grad():  # adaLN-zero: residual gates start at zero (as in DiT/PixArt training)
+        for name, p in base.diffusion_model.named_parameters():
+            if name.startswith("final_layer.linear") or name.endswith(("cross_attn.proj.weight",
+                                                                       "cross_attn.proj.bias")):
+                p.zero_()
+            if name.endswith("scale_shift_table") and name.startswith("blocks."):
+                p[2].zero_(), p[5].zero_()  # gate_msa, gate_mlp
+    clip = mini.build_clip(family, seed)
+    cond_model = clip.cond_stage_model
+    import comfy.taesd.taesd
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=4).eval()
+    vae_path = ROOT / "weights" / d["vae_weights"]
+    vae_from_weights(taesd, vae_path, fmt)
+    x0_all, captions = encode_world(world, taesd, seed, data, px, base.latent_format.scale_factor,
+                                    ckpt.folder if ckpt else None, scene_px=d.get("scene_px"))
+    t_data = time.time() - t0
+    if data_only:
+        return {"family": family, "data": len(x0_all), "data_seconds": round(t_data, 1)}
+    key, rows, empty = caption_tokens(clip, captions)
+    lengths = torch.tensor([len(r) for r in rows])
+    by_len = {int(n): torch.nonzero(lengths == n).flatten() for n in lengths.unique()}
+    log.info("data: %d latents at %d px (%.0f s), %d distinct captions, token lengths %s", len(rows), px, t_data,
+             len(set(captions)), sorted(by_len))
+
+    def batch_loss(g):
+        idx = draw_same_length(rows, by_len, batch, g)
+        drop = torch.rand(batch, generator=g) < CAPTION_DROP
+        toks = [empty if dr else rows[i] for i, dr in zip(idx.tolist(), drop.tolist())]
+        return dit_loss(base, cond_model, key, param, x0_all[idx], toks, g)
+
+    unet_curve: list = []
+    r = train_unet(base, cond_model, family, px, x0_all, None, None, seed, steps, batch, lr, ckpt, every, resume,
+                   unet_curve, log_every or 100, anneal, batch_loss=batch_loss)
+    unet_loss = r["loss"] if r["loss"] is not None else (unet_curve[-1][1] if unet_curve else None)
+    summary = {
+        "family": family, "seed": seed, "steps": r["steps"], "vae_steps": 0, "batch": batch, "vae_batch": 0,
+        "vae_from": str(vae_path.name), "lr": lr, "anneal": anneal, "data": data, "px": px, "param": param,
+        "scene_px": d.get("scene_px") or px,
+        "train_seconds": round(r["seconds"], 1), "data_seconds": round(t_data, 1), "hardware": hardware(),
+        "final_vae_loss": None, "final_unet_loss": unet_loss, "vae_curve": [], "unet_curve": unet_curve,
+    }
+    if out:
+        ids = torch.tensor(sorted({t for row in rows for t in row} | set(empty)))
+        write_weights(out, fmt, family, base, cond_model, taesd, None, None, summary, world, token_ids=ids)
+    return summary
+
+
+def write_weights(path, fmt, family, base, cond_model, taesd, toks, empty, summary, world, token_ids=None):
     from safetensors.torch import save_file
-    ids = torch.cat([v.flatten() for v in toks.values()] + [v.flatten() for v in empty.values()]).unique()
-    emb_keys = tuple(f"clip.{k}" for k in cond_model.state_dict() if k.endswith("token_embedding.weight"))
+    ids = token_ids if token_ids is not None else torch.cat(
+        [v.flatten() for v in toks.values()] + [v.flatten() for v in empty.values()]).unique()
+    emb_keys = tuple(f"clip.{k}" for k in cond_model.state_dict()
+                     if k.endswith(("token_embedding.weight", "transformer.shared.weight")))
     flat = fmt.pack({"unet": base.diffusion_model.state_dict(), "clip": cond_model.state_dict(),
                      "vae": taesd.state_dict()}, token_ids=ids, embedding_keys=emb_keys)
     meta = {k: str(summary[k]) for k in ("family", "seed", "steps", "vae_steps", "batch", "lr", "anneal", "data", "px",
-                                         "train_seconds", "hardware", "vae_from")}
+                                         "train_seconds", "hardware", "vae_from", "param", "scene_px", "data_seconds")
+            if k in summary}
     meta.update({"format": fmt.FORMAT, "vocabulary": json.dumps(list(world.VOCABULARY)),
                  "loss": json.dumps({"vae": summary["final_vae_loss"], "unet": summary["final_unet_loss"]}),
                  "curve": json.dumps({"vae": summary["vae_curve"][-40:], "unet": summary["unet_curve"][-200:]}),
@@ -534,6 +770,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="weights file (default weights/atelier_mini_<family>.safetensors)")
     ap.add_argument("--ckpt-dir", default=None, help="default out/mini_ckpt/<family>_seed<seed>")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --ckpt-dir")
+    ap.add_argument("--param", choices=PARAMS, default=None,
+                    help="DiT families: eps / v on the discrete schedule, or flow (flow matching, CONST models)")
+    ap.add_argument("--data-only", action="store_true", help="DiT families: render and encode the data, then stop")
     ap.add_argument("--anneal", type=int, default=0,
                     help="the last N UNet steps lower the learning rate to 10%% on a cosine (default 0: constant)")
     args = ap.parse_args(argv)
@@ -542,7 +781,8 @@ def main(argv=None):
     out = args.out or ROOT / "weights" / f"atelier_mini_{args.family}.safetensors"
     ckpt_dir = args.ckpt_dir or ROOT / "out" / "mini_ckpt" / f"{args.family}_seed{args.seed}"
     summary = train(args.family, args.seed, args.steps, args.vae_steps, args.data, args.batch, args.lr, out,
-                    ckpt_dir, args.resume, args.every, args.vae_batch, None, args.vae_from, args.anneal)
+                    ckpt_dir, args.resume, args.every, args.vae_batch, None, args.vae_from, args.anneal,
+                    args.param, args.data_only)
     print(json.dumps({k: v for k, v in summary.items() if not k.endswith("curve")}, indent=1))
 
 
