@@ -18,7 +18,7 @@ import time
 
 import harness
 
-FAMILY_PX = {"sd15": 64, "sdxl": 128}
+FAMILY_PX = {"sd15": 64, "sdxl": 128, "pixart": 288}
 SCORES = ("object", "color", "shape")
 
 

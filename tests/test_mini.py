@@ -25,8 +25,11 @@ def metrics(pack):
     return importlib.import_module(pack.__name__ + ".models.metrics")
 
 
+MINI_PX = {"sd15": 64, "sdxl": 128, "pixart": 288}
+
+
 def mini_prompt(text: str, family: str = "sd15", noise_seed: int = 1, steps: int = 12, cfg: float = 5.0) -> dict:
-    size = 64 if family == "sd15" else 128
+    size = MINI_PX[family]
     p = txt2img_prompt(family=family, size=size, steps=steps, text=text, cfg=cfg, noise_seed=noise_seed)
     p["1"] = {"class_type": "AtelierMiniCheckpointLoader", "inputs": {"family": family}}
     return p
@@ -34,17 +37,18 @@ def mini_prompt(text: str, family: str = "sd15", noise_seed: int = 1, steps: int
 
 def test_shipped_weights_are_small_safetensors():
     files = sorted((ROOT / "weights").glob("atelier_mini_*.safetensors"))
-    assert {f.name for f in files} == {"atelier_mini_sd15.safetensors", "atelier_mini_sdxl.safetensors"}
-    assert sum(f.stat().st_size for f in files) <= 30 * 1024 * 1024
+    assert {f"atelier_mini_{f}.safetensors" for f in MINI_PX} <= {f.name for f in files}
+    assert (ROOT / "weights" / "atelier_mini_pixart.safetensors").stat().st_size <= 15 * 1024 * 1024
+    assert sum(f.stat().st_size for f in files) <= 40 * 1024 * 1024
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart"])
 def test_mini_loads_through_node_in_graph(run_graph, tiny, family):
     r = run_graph(mini_prompt("a red circle", family, steps=4), want=["1", "6"])
     model, clip, vae = r["values"]["1"]
     assert tiny.family_of(model) == family
     image = r["values"]["6"][0]
-    size = 64 if family == "sd15" else 128
+    size = MINI_PX[family]
     assert image.shape == (1, size, size, 3)
     assert torch.isfinite(image).all() and image.std() > 0.01
 
@@ -74,6 +78,24 @@ def test_corrupt_weights_give_a_clear_error(mini, tmp_path):
     bad.write_bytes(b"\x00" * 64)
     with pytest.raises(mini.MiniWeightsError, match="corrupt"):
         mini.load_mini("sd15", bad)
+
+
+def test_pixart_file_corrupt_or_of_another_family_is_refused(mini, tmp_path):
+    bad = tmp_path / "atelier_mini_pixart.safetensors"
+    good = mini.weights_path("pixart").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(mini.MiniWeightsError, match="corrupt.*atelier_mini_pixart.safetensors.*--family pixart"):
+        mini.load_mini("pixart", bad)
+    with pytest.raises(mini.MiniWeightsError, match="not an Atelier Mini pixart file"):
+        mini.load_mini("pixart", mini.weights_path("sdxl"))
+
+
+def test_mini_pixart_shares_mini_sdxl_latent_space(mini):
+    """The DiT draws with Mini sdxl's VAE (same weights), so a PixArt <-> SDXL handoff needs no re-encode."""
+    _m, _c, vae_p = mini.load_mini("pixart")
+    _m, _c, vae_x = mini.load_mini("sdxl")
+    sd_p, sd_x = vae_p.first_stage_model.state_dict(), vae_x.first_stage_model.state_dict()
+    assert sd_p.keys() == sd_x.keys() and all(torch.equal(sd_p[k], sd_x[k]) for k in sd_p)
 
 
 def test_wrong_family_file_is_refused(mini):
@@ -149,3 +171,67 @@ def test_demo_workflow_draws_with_mini(comfy, metrics):
     image = np.asarray(Image.open(result["images"][0]).convert("RGB"), dtype=np.float32) / 255.0
     colours = {d.color for d in metrics.detect_objects(image)}
     assert colours & {"red", "blue"}, f"detected {colours} for 'a red circle left of a blue square'"
+
+
+@pytest.mark.parametrize("param", ["eps", "v", "flow"])
+def test_each_parameterisation_is_what_comfy_model_sampling_inverts(comfy, param):
+    """The trainer's target, fed to ComfyUI's own model_sampling as the model output, gives back x0 exactly:
+    eps (PixArt-Σ's EPS discrete schedule), v (V_PREDICTION), flow matching (CONST, as Flux/SD3)."""
+    import comfy.model_sampling as cms
+    tm = load_tool("train_mini")
+    kinds = {"eps": (cms.ModelSamplingDiscrete, cms.EPS), "v": (cms.ModelSamplingDiscrete, cms.V_PREDICTION),
+             "flow": (cms.ModelSamplingDiscreteFlow, cms.CONST)}
+    sampling, prediction = kinds[param]
+    ms = type("MS", (sampling, prediction), {})(None)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 4, 3, 3, generator=g)
+    sigma, xt, target = tm.noised(ms, param, x0, g)
+    assert sigma.shape == (6,) and not torch.allclose(xt, x0)
+    assert torch.allclose(ms.calculate_denoised(sigma, target, xt), x0, atol=1e-4)
+
+
+def test_dit_training_reduces_the_loss_and_resumes(comfy, mini, tmp_path):
+    tm = load_tool("train_mini")
+    kw = dict(family="pixart", seed=3, data=4, batch=4, log_every=1, ckpt_dir=tmp_path / "ckpt", every=8, lr=2e-3)
+    first = tm.train(steps=16, **kw)
+    loss = [v for _, v in first["unet_curve"]]
+    assert sum(loss[-4:]) / 4 < 0.9 * sum(loss[:4]) / 4, loss
+    out = tmp_path / "pixart.safetensors"
+    again = tm.train(steps=18, out=out, resume=True, **kw)
+    assert [s for s, _ in again["unet_curve"]] == list(range(1, 19))  # continued from 16, not restarted
+    assert again["unet_curve"][:16] == first["unet_curve"]
+    straight = tm.train(steps=18, **{**kw, "ckpt_dir": tmp_path / "straight"})
+    assert straight["unet_curve"] == again["unet_curve"]  # a resumed run is the same run
+    model, clip, vae = mini.load_mini("pixart", out)
+    assert model.model.diffusion_model.final_layer.linear.weight.abs().sum() > 0
+    # the T5 table keeps only the rows the captions use; an unknown word reads their mean
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        rows = f.get_tensor("clip.t5xxl.transformer.shared.weight.rows")
+    assert rows.shape[0] < 100 and clip.cond_stage_model.t5xxl.transformer.shared.weight.shape[0] == 32128
+
+
+def test_flow_matching_loss_fits_a_fixed_batch(comfy, mini):
+    """The flow loss (for Flux/SD3-type CONST models) trains a DiT: on one fixed batch and noise, 15 Adam
+    steps of DiT + T5 lower it well below the start."""
+    import comfy.model_sampling as cms
+    tm = load_tool("train_mini")
+    base = mini.build_model("pixart", 0).model
+    base.model_sampling = type("MS", (cms.ModelSamplingDiscreteFlow, cms.CONST), {})(None)
+    clip = mini.build_clip("pixart", 0)
+    cond = clip.cond_stage_model
+    tm.make_trainable_t5(cond)
+    key, rows, _empty = tm.caption_tokens(clip, ["a red circle", "a blue square"])
+    params = [p for p in list(base.diffusion_model.parameters()) + list(cond.parameters())]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=3e-3)
+    x0 = torch.randn(2, 4, 36, 36, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(15):
+        loss = tm.dit_loss(base, cond, key, "flow", x0, rows, torch.Generator().manual_seed(2))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
