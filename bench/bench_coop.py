@@ -8,7 +8,13 @@
    KSamplerAdvanced, and the classic hires fix (full low-res KSampler → LatentUpscaleBy →
    KSampler denoise 0.5).
 
-    python bench/bench_coop.py [--steps N] [--repeats N] [--threads N]
+3. DiT rows (issue 18): A = tiny Flux dev (16 channels, flow), B = tiny SDXL (4 channels, eps), 64 px:
+   Coop k = 1 and k = 4 against both models without the bridge, and the Flux → SDXL struct→texture
+   handoff through the bridge (T_struct 500, noise level matched through each model_sampling) against
+   the core decode→encode chain (KSamplerAdvanced leftover noise → VAEDecode Flux → VAEEncode SDXL →
+   KSamplerAdvanced, add_noise disabled), equal steps.
+
+    python bench/bench_coop.py [--steps N] [--repeats N] [--threads N] [--no-dit]
 
 Tiny models with TAESD-type VAEs: the VAE share of a bridge step is larger here than with real
 UNets and smaller than with a full KL VAE at 1024 px. Ratios, not absolute times, are the result.
@@ -26,6 +32,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 = steadier on a shared machine)")
+    ap.add_argument("--no-dit", action="store_true", help="skip the Flux ↔ SDXL rows")
     ap.add_argument("--coherence-only", action="store_true",
                     help="only the handoff-coherence plumbing check (bridge vs plain decode->encode handoff)")
     ns = ap.parse_args()
@@ -100,6 +107,39 @@ def main():
     vae_row = add("VAE round trip of one bridge step (2 decodes + 2 encodes)",
                   lambda: ca_.encode(cb_.decode(cb_.encode(ca_.decode(z)))), n_steps=1)
 
+    dit = {}
+    if not ns.no_dit:
+        tmod = importlib.import_module(pkg + ".nodes.time_experts")
+        mf, cf, vf = tiny.build_family("flux", 0)
+        pf, nf = enc(cf, "a red circle"), enc(cf, "")
+        lat_f = {"samples": torch.zeros(1, 16, 8, 8)}
+        half_f = steps // 2
+
+        def ks_f(model, pos, neg, lat, **kw):
+            return nodes.common_ksampler(model, 1, steps, 7.0, "euler", "simple", pos, neg, lat, **kw)[0]
+
+        def coop_f(k):
+            g = nc.make_coop_guider(mf, vf, pf, nf, 7.0, mb, vb, pb, nb, 7.0, 0.5, k, 0.0, 1.0, 1.0)
+            return nc._run_guider(g, mf, lat_f, 1, steps, "euler", "simple", 1.0)
+
+        def bridged_handoff():
+            return tmod.struct_texture_sample(mf, pf, nf, mb, pb, nb, lat_f, 1, steps, 7.0, "euler", "simple", 500,
+                                              1.0, vf, vb, 1.0)[0]
+
+        def core_round_trip():
+            lo = ks_f(mf, pf, nf, lat_f, start_step=0, last_step=half_f, force_full_denoise=False)
+            px = nodes.VAEDecode().decode(vf, lo)[0]
+            z = nodes.VAEEncode().encode(vb, px)[0]
+            return nodes.common_ksampler(mb, 1, steps, 7.0, "euler", "simple", pb, nb, z, disable_noise=True,
+                                         start_step=half_f, last_step=10000, force_full_denoise=True)[0]
+        dit["alone"] = add("DiT: A alone (core KSampler, tiny flux 64px)", lambda: ks_f(mf, pf, nf, lat_f))
+        dit["both"] = add("DiT: A + B, no bridge (core KSampler flux + sdxl)",
+                          lambda: (ks_f(mf, pf, nf, lat_f), ks(mb, pb, nb, lat_b)))
+        dit["k1"] = add("DiT: Coop flux+sdxl d=0.5 k=1", lambda: coop_f(1))
+        dit["k4"] = add("DiT: Coop flux+sdxl d=0.5 k=4", lambda: coop_f(4))
+        dit["bridge"] = add("DiT: struct->texture flux->sdxl through the bridge (T_struct 500)", bridged_handoff)
+        dit["chain"] = add("DiT: core KSamplerAdv flux -> VAEDecode -> VAEEncode sdxl -> KSamplerAdv", core_round_trip)
+
     import statistics
     import time
     for _, fn in cases:
@@ -131,12 +171,26 @@ def main():
     for r in (rb, c1, c2):
         r["ratio"] = r["median_s"] / c1["median_s"]
         r["ratio_min"] = r["min_s"] / c1["min_s"]
+    dit_summary = {}
+    if dit:
+        for key in ("alone", "both", "k1", "k4"):
+            dit[key]["ratio"] = dit[key]["per_step_s"] / dit["both"]["per_step_s"]
+            dit[key]["ratio_min"] = dit[key]["min_s"] / dit["both"]["min_s"]
+        for key in ("bridge", "chain"):
+            dit[key]["ratio"] = dit[key]["median_s"] / dit["chain"]["median_s"]
+            dit[key]["ratio_min"] = dit[key]["min_s"] / dit["chain"]["min_s"]
+        dit_summary = {"coop_k1_vs_both": dit["k1"]["ratio"], "coop_k4_vs_both": dit["k4"]["ratio"],
+                       "bridged_handoff_vs_core_decode_encode": dit["bridge"]["ratio"],
+                       "by_min_time": {"coop_k1_vs_both": dit["k1"]["ratio_min"],
+                                       "coop_k4_vs_both": dit["k4"]["ratio_min"],
+                                       "bridged_handoff_vs_core_decode_encode": dit["bridge"]["ratio_min"]}}
     harness.report("coop", rows, {
         "note": (f"tiny models (TAESD-type VAEs), cfg 7, euler/normal, {steps} steps, torch threads {ns.threads}. "
                  "Fusion rows: ratio = per-step time / 'A + B, no bridge'. Resolution rows: ratio = total time / the "
                  "leftover-noise core chain (same model evaluations at each resolution: steps/2 low + steps/2 high; "
                  "the bridge adds one low-res evaluation for x0 and a decode+encode)."),
         "fusion": fusion,
+        "dit_flux_sdxl": dit_summary,
         "resolution_bridge_vs_core_chain": rb["median_s"] / c1["median_s"],
         "resolution_bridge_vs_hires_fix": rb["median_s"] / c2["median_s"],
         "by_min_time_resolution": {"bridge_vs_core_chain": rb["min_s"] / c1["min_s"],

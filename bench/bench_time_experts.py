@@ -7,8 +7,11 @@ Rows
                       that switches at the same step (goal: no slower).
   load_models_gpu     calls per run and models requested, counted by wrapping
                       comfy.model_management.load_models_gpu.
+  DiT rows            the same on tiny Flux dev (two seeds, 128 px, flow schedule: boundary t = 500 is
+                      sigma 0.5) and tiny PixArt-Σ (320 px): time experts on a DiT vs the core sampler
+                      (goal ≤ 1.01×).
 
-    python bench/bench_time_experts.py [--steps N] [--repeats N] [--no-full] [--threads N]
+    python bench/bench_time_experts.py [--steps N] [--repeats N] [--no-full] [--no-dit] [--threads N]
 
 Tiny models (64 px sd15) always; the full-size SD1.5 UNet (random weights, 256 px, fp32) unless
 --no-full. The machine is shared: compare ratios, not seconds.
@@ -27,6 +30,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-full", action="store_true")
+    ap.add_argument("--no-dit", action="store_true", help="skip the tiny Flux / PixArt rows")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ns = ap.parse_args()
     quick = harness.quick()
@@ -56,8 +60,7 @@ def main():
     def cases(name, a, b, pos, neg, latent, steps, reps):
         rows = []
         sig = comfy.samplers.KSampler(a, steps=steps, device="cpu", sampler="euler", scheduler="normal").sigmas
-        split = next(j for j in range(steps) if float(sig[j]) < float(
-            tmod.te.timestep_to_sigma(500, tmod._sigma_table(a))))
+        split = next(j for j in range(steps) if float(sig[j]) < tmod._timesteps(a).to_sigma(500))
         one = tmod.AtelierTimeExperts.execute(model_1=a, model_2=a, mode="timestep", boundaries="1000").args[0]
         two = tmod.AtelierTimeExperts.execute(model_1=a, model_2=b, mode="timestep", boundaries="500").args[0]
 
@@ -101,6 +104,17 @@ def main():
     pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle"))
     neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     rows += cases("tiny-sd15 64px", a, b, pos, neg, {"samples": torch.zeros(1, 4, 8, 8)}, steps, reps)
+
+    if not ns.no_dit:
+        for fam, px, ch in (("flux", 128, 16), ("pixart", 320, 4)):
+            _, dclip, _ = tiny.build_family(fam, 0)
+            da, db = tiny.build_model(fam, 0), tiny.build_model(fam, 1)
+            dpos = dclip.encode_from_tokens_scheduled(dclip.tokenize("a red circle"))
+            dneg = dclip.encode_from_tokens_scheduled(dclip.tokenize(""))
+            rows += cases(f"tiny-{fam} {px}px", da, db, dpos, dneg, {"samples": torch.zeros(1, ch, px // 8, px // 8)},
+                          steps, reps)
+            del da, db
+            gc.collect()
 
     if not ns.no_full:
         fsteps = ns.steps or (2 if quick else 4)

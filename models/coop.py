@@ -113,7 +113,8 @@ def equivalent_sigma(ms_from, sigma, ms_to, lo: float = 1e-6, hi: float = 1e6) -
 
     Returns ``sigma`` itself when both parametrisations agree there (two VP models: always).
     Otherwise solves s/a = r by bisection in log σ (the ratio increases with σ for every
-    ComfyUI parametrisation); flow models (σ ∈ (0, 1)) are searched below 1.
+    ComfyUI parametrisation); flow models (σ ∈ (0, 1)) are searched below 1. Pure noise (a flow
+    model at σ = 1, r = ∞) maps to the target's ``sigma_max``.
     """
     sigma = float(sigma)
     r = noise_to_signal(ms_from, sigma)
@@ -121,8 +122,11 @@ def equivalent_sigma(ms_from, sigma, ms_to, lo: float = 1e-6, hi: float = 1e6) -
         return sigma
     if r == 0.0:
         return 0.0
-    if math.isinf(r):
-        raise ValueError("equivalent_sigma: sigma is pure noise in the source model; nothing to match")
+    if math.isinf(r):  # pure noise (a flow model at sigma 1): the target's noisiest level, as close as it gets
+        top = getattr(ms_to, "sigma_max", None)
+        if top is None:
+            raise ValueError("equivalent_sigma: sigma is pure noise in the source model; nothing to match")
+        return float(top)
     top = hi
     if not math.isfinite(noise_to_signal(ms_to, min(hi, 1.0))):  # flow: a(1) = 0
         top = 1.0 - 1e-7

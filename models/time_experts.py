@@ -16,6 +16,17 @@ Conventions
   extremes reproduce a single expert exactly.
 * "auto" splits [sigma_min, sigma_max] into n equal parts of log-SNR (= -2 log sigma), eDiff-I style.
 
+Timesteps on flow schedules (Flux, SD3: ``FlowTimesteps``)
+---------------------------------------------------------
+A flow model's noise level is its sigma in (0, 1] (z_t = (1 - sigma)·x0 + sigma·eps) and its own conditioning
+timestep is proportional to it (ComfyUI: SD3 ``timestep(sigma) = 1000·sigma``, Flux ``timestep(sigma) = sigma``,
+which the Flux network multiplies by 1000). A timestep boundary t there means ``sigma = t / 1000`` (times
+sigma_max, which is 1): the model's own timestep, so t = 500 is sigma 0.5 (signal = noise) whatever the shift
+(ModelSamplingFlux / ModelSamplingSD3 move the steps along the schedule, never the boundary). "auto" splits
+the log noise-to-signal ratio log(sigma / (1 - sigma)) between t = 1 and t = 999 into n equal parts (symmetric
+around sigma 0.5), again independent of the shift. A discrete (DDPM) model keeps its 1000-entry sigma table
+(``TableTimesteps``): t is an index of that table, as above.
+
 Route record (``new_record``/``record_call``/``draw_routes``), shared with the space-experts work
 -------------------------------------------------------------------------------------------------
 A plain dict (JSON-serialisable)::
@@ -90,6 +101,60 @@ def sigma_to_timestep(sigma: float, sigma_table) -> float:
     return timestep_from_logs(sigma, log_table(sigma_table))
 
 
+class TableTimesteps:
+    """Timesteps of a discrete (DDPM) model: indices of its ascending sigma table (0..n-1)."""
+    kind = "table"
+    t_min = 0.0  # the lowest timestep a calibration measures at
+
+    def __init__(self, sigma_table):
+        self.table = _table(sigma_table)
+        self.logs = log_table(self.table)
+
+    def to_sigma(self, t: float) -> float:
+        return timestep_to_sigma(t, self.table)
+
+    def from_sigma(self, sigma: float) -> float:
+        return timestep_from_logs(sigma, self.logs)
+
+    def auto(self, n: int) -> list[float]:
+        lo, hi = math.log(float(self.table[0])), math.log(float(self.table[-1]))
+        return [math.exp(hi - (hi - lo) * k / n) for k in range(1, n)]
+
+
+class FlowTimesteps:
+    """Timesteps of a flow model (sigma in (0, sigma_max], sigma_max = 1): t = T_MAX·sigma/sigma_max, the model's
+    own timestep scaled to 0..1000 (see the module docstring)."""
+    kind = "flow"
+    t_min = 1.0  # sigma 0 carries no noise: every expert's x0 error is 0 there
+
+    def __init__(self, sigma_max: float = 1.0):
+        self.sigma_max = float(sigma_max)
+        if not (self.sigma_max > 0 and math.isfinite(self.sigma_max)):
+            raise ValueError("FlowTimesteps: sigma_max must be a positive number")
+
+    def to_sigma(self, t: float) -> float:
+        return min(max(float(t), 0.0), float(T_MAX)) / T_MAX * self.sigma_max
+
+    def from_sigma(self, sigma: float) -> float:
+        return min(max(float(sigma) / self.sigma_max * T_MAX, 0.0), float(T_MAX))
+
+    def auto(self, n: int) -> list[float]:
+        def lr(t):  # log noise-to-signal ratio at timestep t
+            s = self.to_sigma(t) / self.sigma_max
+            return math.log(s / (1.0 - s))
+        lo, hi = lr(1.0), lr(T_MAX - 1.0)
+        out = []
+        for k in range(1, n):
+            r = math.exp(hi - (hi - lo) * k / n)
+            out.append(r / (1.0 + r) * self.sigma_max)
+        return out
+
+
+def as_timesteps(schedule):
+    """A TableTimesteps/FlowTimesteps as given, or a TableTimesteps of a sigma table."""
+    return schedule if hasattr(schedule, "to_sigma") and hasattr(schedule, "auto") else TableTimesteps(schedule)
+
+
 # ---------------------------------------------------------------- boundaries
 MODES = ("timestep", "sigma", "auto")
 
@@ -114,20 +179,20 @@ def _numbers(text: str, name: str) -> list[float]:
 def parse_boundaries(text: str, mode: str, n_experts: int, sigma_table, name: str = "boundaries") -> list[float]:
     """Descending sigma thresholds (n_experts - 1 of them) from the user's boundary text.
 
-    mode "timestep": values in [0, 1000]; "sigma": positive sigmas; "auto": the text is ignored and
-    the log-SNR range of the table is split into n_experts equal parts. Values must be strictly
-    monotone (either direction); the highest-noise boundary always separates expert 1 from expert 2.
+    ``sigma_table``: a discrete model's sigma table, or a TableTimesteps / FlowTimesteps. mode "timestep":
+    values in [0, 1000]; "sigma": positive sigmas; "auto": the text is ignored and the log-SNR range of the
+    schedule is split into n_experts equal parts. Values must be strictly monotone (either direction); the
+    highest-noise boundary always separates expert 1 from expert 2.
     """
     if n_experts < 1:
         raise ValueError("experts: connect at least one MODEL")
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {MODES}")
-    tab = _table(sigma_table)
+    ts = as_timesteps(sigma_table)
     if n_experts == 1:
         return []
     if mode == "auto":
-        lo, hi = math.log(float(tab[0])), math.log(float(tab[-1]))
-        return [math.exp(hi - (hi - lo) * k / n_experts) for k in range(1, n_experts)]
+        return ts.auto(n_experts)
     vals = _numbers(text, name)
     if len(vals) != n_experts - 1:
         raise ValueError(f"{name}: {len(vals)} value(s) for {n_experts} experts; give exactly {n_experts - 1} "
@@ -150,7 +215,7 @@ def parse_boundaries(text: str, mode: str, n_experts: int, sigma_table, name: st
             elif v <= 0:
                 out.append(0.0)
             else:
-                out.append(timestep_to_sigma(v, tab))
+                out.append(ts.to_sigma(v))
         return out
     for v in vals:
         if not (v >= 0 and math.isfinite(v)):

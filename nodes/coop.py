@@ -181,7 +181,7 @@ class CoopGuider(comfy.samplers.CFGGuider):
         template = torch.zeros(self.b_shape, device=device)
         self.b_conds = comfy.samplers.process_conds(B.model, template, conds, device, None, None, seed)
         self.ms_a = self.inner_model.model_sampling
-        self.ms_b = B.model.model_sampling
+        self.ms_b = B.get_model_object("model_sampling")
         s = [float(v) for v in sigmas]
         self.b_model_options["transformer_options"]["sample_sigmas"] = torch.tensor(
             [coop.equivalent_sigma(self.ms_a, v, self.ms_b) if v > 0 else 0.0 for v in s], device=device)
@@ -193,6 +193,7 @@ class CoopGuider(comfy.samplers.CFGGuider):
         self.codec_b = _Codec(B, self.vae_b)
         self.fixed_b_noise = coop.gaussian_like(template, (seed or 0) + 7919)
         self.eps_hat = None
+        self.x0_hat = None
 
     def _end_b(self):
         B = self.model_b
@@ -205,7 +206,7 @@ class CoopGuider(comfy.samplers.CFGGuider):
             if cast_opts is not None:
                 comfy.samplers.cast_to_load_options(cast_opts, device=B.offload_device)
             B.restore_hook_patches()
-            for name in ("b_conds", "eps_hat", "fixed_b_noise", "codec_a", "codec_b"):
+            for name in ("b_conds", "eps_hat", "x0_hat", "fixed_b_noise", "codec_a", "codec_b"):
                 self.__dict__.pop(name, None)
 
     def _step_index(self, s: float):
@@ -224,13 +225,20 @@ class CoopGuider(comfy.samplers.CFGGuider):
             self.stats["a_only"] += 1
             return den_a
         i = self._step_index(s)
+        pure = float(coop.noise_coeffs(self.ms_a, s)[0]) <= 0.0  # a flow model at sigma 1: z_t holds no x0
         if self.eps_hat is None or (i is not None and i in self.bridge_steps) or self.eps_hat.shape != x.shape:
             mm.throw_exception_if_processing_interrupted()
             x0_b_in_a = self.bridge_b(x, timestep, den_a, seed)
             self.eps_hat = coop.eps_from_x0(self.ms_a, s, x, x0_b_in_a)
+            self.x0_hat = x0_b_in_a if pure else None
             self.stats["bridges"] += 1
         else:
+            if self.x0_hat is not None:  # reused after a pure-noise step: B's clean estimate, at this level
+                self.eps_hat = coop.eps_from_x0(self.ms_a, s, x, self.x0_hat)
+                self.x0_hat = None
             self.stats["reused"] += 1
+        if pure:  # the eps form cannot give x0 here; fusing the clean estimates is the same fusion (affine maps)
+            return coop.fuse_eps(den_a, self.x0_hat, self.fusion_d)
         eps = coop.fuse_eps(coop.eps_from_x0(self.ms_a, s, x, den_a), self.eps_hat, self.fusion_d)
         return coop.x0_from_eps(self.ms_a, s, x, eps)
 
@@ -266,7 +274,7 @@ def make_coop_guider(model_a, vae_a, positive_a, negative_a, cfg_a, model_b, vae
 # -------------------------------------------------------------- public bridge function
 
 def _internal_to_leftover(model, z_int: torch.Tensor, sigma: float) -> torch.Tensor:
-    ms = model.model.model_sampling
+    ms = model.get_model_object("model_sampling")
     return model.model.process_latent_out(ms.inverse_noise_scaling(torch.tensor(float(sigma)), z_int))
 
 
@@ -316,7 +324,7 @@ def bridge_latent(latent: dict, sigma: float, model_from, vae_from, model_to, va
     sigma = float(sigma)
     if denoised is None:
         denoised = estimate_x0(model_from, latent, sigma, positive, negative, cfg, seed)
-    ms_f, ms_t = model_from.model.model_sampling, model_to.model.model_sampling
+    ms_f, ms_t = model_from.get_model_object("model_sampling"), model_to.get_model_object("model_sampling")
     sigma_to = coop.equivalent_sigma(ms_f, sigma, ms_t) if sigma > 0 else 0.0
 
     def decode(z_ext):  # external latent of model_from → (N, 3, H, W) pixels in [0, 1]
@@ -466,6 +474,15 @@ def _schedule(model, steps, sampler_name, scheduler):
                                    scheduler=scheduler, denoise=1.0, model_options=model.model_options).sigmas.cpu()
 
 
+def same_latent_space(a, b) -> bool:
+    """Two MODELs that read and write one latent space (same latent format, channels, scale and shift), e.g.
+    PixArt-Σ and SDXL: a leftover-noise latent passes between them without a VAE round trip."""
+    fa, fb = a.model.latent_format, b.model.latent_format
+    return (type(fa) is type(fb) and fa.latent_channels == fb.latent_channels
+            and getattr(fa, "scale_factor", None) == getattr(fb, "scale_factor", None)
+            and getattr(fa, "shift_factor", None) == getattr(fb, "shift_factor", None))
+
+
 def bridged_two_stage(first, second, latent: dict, sigmas: torch.Tensor, split: int, *, vae_first, vae_second,
                       seed: int, steps: int, sampler_name: str, scheduler: str, cfg_first: float, positive_first,
                       negative_first, cfg_second: float, positive_second, negative_second, scale: float,
@@ -480,7 +497,10 @@ def bridged_two_stage(first, second, latent: dict, sigmas: torch.Tensor, split: 
        (split 0: the latent is only noised to ``sigmas[0]``). ``split`` at the end of ``sigmas``: that is the
        whole result, returned as (latent, None) without a bridge.
     2. ``bridge_latent``: x̂0 → decode → resize ×``scale`` in pixels → encode → fresh noise (``bridge_seed``)
-       at the equivalent level σ' of ``second``.
+       at the equivalent level σ' of ``second`` (the same noise-to-signal ratio through each model's own
+       ``model_sampling``: a flow σ and an ε σ meet at σ_ε = σ_flow / (1 − σ_flow)). Two models of one latent
+       space at ``scale`` 1 (PixArt-Σ ↔ SDXL) need no VAE: ComfyUI's leftover-noise latent is x0 + (s/a)·ε in
+       every parametrisation, so it is handed over unchanged (its noise untouched) at σ'.
     3. ``second`` finishes on its own schedule (``steps``, ``scheduler``) from σ': [σ'] + its sigmas below σ'
        (``second_seed`` for ancestral samplers' noise).
 
@@ -506,9 +526,16 @@ def bridged_two_stage(first, second, latent: dict, sigmas: torch.Tensor, split: 
         z = first.model.process_latent_in(lat.float())
         out["samples"] = first.model.process_latent_out(ms.noise_scaling(sigmas[0], noise, z))
     mm.throw_exception_if_processing_interrupted()
-    bridged, sigma_to = bridge_latent(out, float(sigmas[split]), first, vae_first, second, vae_second, scale,
-                                      bridge_seed, positive=positive_first, negative=negative_first, cfg=cfg_first,
-                                      resize_method=resize_method, names=names, scale_input=scale_input)
+    if same_latent_space(first, second) and abs(float(scale) - 1.0) <= 1e-9:
+        s = float(sigmas[split])
+        ms_f, ms_t = first.get_model_object("model_sampling"), second.get_model_object("model_sampling")
+        sigma_to = coop.equivalent_sigma(ms_f, s, ms_t) if s > 0 else 0.0
+        bridged = dict(out)
+    else:
+        bridged, sigma_to = bridge_latent(out, float(sigmas[split]), first, vae_first, second, vae_second, scale,
+                                          bridge_seed, positive=positive_first, negative=negative_first,
+                                          cfg=cfg_first, resize_method=resize_method, names=names,
+                                          scale_input=scale_input)
     own = _schedule(second, steps, sampler_name, scheduler)
     tail = torch.cat([torch.tensor([sigma_to], dtype=own.dtype), own[own < sigma_to - 1e-6]])
     if float(tail[-1]) != 0.0:
@@ -636,20 +663,32 @@ class AtelierNoiseAwareLatentUpscale(io.ComfyNode):
                 _resize_input(),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the fresh noise."),
+                io.Sigmas.Input("sigmas", optional=True,
+                                tooltip="SamplerCustomAdvanced path (e.g. Flux): the SIGMAS the second sampler continues "
+                                        "on (SplitSigmas' low_sigmas); their first sigma is the latent's noise level, "
+                                        "and steps/sampler/scheduler/end_at_step are not used."),
             ],
             outputs=[io.Latent.Output(tooltip="Upscaled latent with white leftover noise at the same level.")],
         )
 
     @classmethod
     def execute(cls, model, vae, positive, negative, samples, cfg, steps, sampler_name, scheduler, end_at_step, scale,
-                resize_method, seed) -> io.NodeOutput:
+                resize_method, seed, sigmas=None) -> io.NodeOutput:
         check_vae(model, vae, "model", "vae")
         check_conditioning(model, positive, "model", "positive")
         check_conditioning(model, negative, "model", "negative")
-        if not 1 <= end_at_step < steps:
-            raise ValueError(f"end_at_step: {end_at_step} must be between 1 and steps-1 ({steps - 1}); at step 0 the "
-                             "latent is pure noise (use a plain latent upscale) and at the end it has no noise left")
-        sigma = float(_schedule(model, steps, sampler_name, scheduler)[end_at_step])
+        if sigmas is not None:
+            flat = torch.as_tensor(sigmas).flatten()
+            if flat.numel() < 2 or not float(flat[0]) > 0:
+                raise ValueError("sigmas: expected the schedule the second sampler continues on (SplitSigmas' "
+                                 "low_sigmas, at least two values, the first above 0); connect that output")
+            sigma = float(flat[0])
+        else:
+            if not 1 <= end_at_step < steps:
+                raise ValueError(f"end_at_step: {end_at_step} must be between 1 and steps-1 ({steps - 1}); at step 0 "
+                                 "the latent is pure noise (use a plain latent upscale) and at the end it has no noise "
+                                 "left")
+            sigma = float(_schedule(model, steps, sampler_name, scheduler)[end_at_step])
         out, _ = bridge_latent(samples, sigma, model, vae, model, vae, scale, seed, positive=positive,
                                negative=negative, cfg=cfg, resize_method=resize_method,
                                names=("model", "vae", "model", "vae"))

@@ -47,7 +47,7 @@ from ..models.knn_common import IMAGE_EXTENSIONS, atomic_write_bytes
 log = logging.getLogger("atelier")
 
 __all__ = ["AtelierError", "fail", "guard_node", "FAMILIES", "Family", "family_of", "family_row", "native_px",
-           "check_vae", "vae_family", "vae_downscale", "register_vae_scale", "check_same_family",
+           "check_vae", "vae_family", "vae_families", "vae_downscale", "register_vae_scale", "check_same_family",
            "conditioning_problem", "check_conditioning", "allowed_roots", "resolve_user_folder",
            "list_files", "WrittenFiles", "refuse_overwrite", "open_safetensors", "load_safetensors", "open_image",
            "check_interrupt", "interruptible", "check_memory", "available_memory", "deprecated", "hook_key",
@@ -128,6 +128,8 @@ class Family:
     #: ComfyUI model classes (``comfy.model_base``) that tell this family from another one sharing its latent
     #: format (PixArt-Σ draws in SDXL's latent space); () matches any model of the latent format
     model_types: tuple = ()
+    #: pixels per latent pixel of the family's image VAEs (full KL and TAESD-type alike)
+    vae_downscale: int = 8
 
 
 FAMILIES: dict[str, Family] = {
@@ -200,6 +202,26 @@ def vae_family(vae) -> str | None:
     return None
 
 
+def vae_families(vae) -> tuple[str, ...]:
+    """The families a VAE can belong to, by its structure: a TAESD-type VAE by its recorded latent scale (every
+    family of that latent space); a full image VAE (AutoencoderKL) by its latent channels and downscale factor: a
+    16-channel one at 1/8 is SD3's or Flux's (one network, two trainings), a 4-channel one SD1.5's, SDXL's or
+    PixArt-Σ's; () for a video/audio VAE or one no family uses (Stable Cascade's 16-channel coder at 1/32)."""
+    fam = vae_family(vae)
+    if fam is not None:
+        fmt = FAMILIES[fam].latent_format
+        return tuple(f.name for f in FAMILIES.values() if f.latent_format is fmt)
+    if getattr(vae, "latent_dim", 2) != 2:
+        return ()
+    ds, ch = vae_downscale(vae), getattr(vae, "latent_channels", None)
+    return tuple(f.name for f in FAMILIES.values() if f.channels == ch and f.vae_downscale == ds)
+
+
+def _vae_kind(vae) -> str:
+    labels = list(dict.fromkeys(FAMILIES[f].label for f in vae_families(vae)))
+    return f" ({'/'.join(labels)})" if labels else ""
+
+
 def check_vae(model, vae, model_input: str = "model", vae_input: str = "vae") -> None:
     """Refuse a VAE that cannot be ``model``'s: latent channels, a fixed downscale factor and, where the
     VAE's structure tells its family, the family."""
@@ -213,11 +235,15 @@ def check_vae(model, vae, model_input: str = "model", vae_input: str = "vae") ->
     if getattr(fmt, "latent_dimensions", 2) != 2:
         raise fail(model_input, "video/audio latents are not supported", "use an image model")
     if getattr(vae, "latent_channels", None) != fmt.latent_channels:
-        raise fail(vae_input, f"this VAE makes {getattr(vae, 'latent_channels', '?')}-channel latents but "
-                              f"{model_input} ({label}) works on {fmt.latent_channels} channels",
+        raise fail(vae_input, f"this VAE makes {getattr(vae, 'latent_channels', '?')}-channel latents{_vae_kind(vae)} "
+                              f"but {model_input} ({label}) works on {fmt.latent_channels} channels",
                    f"connect the VAE that belongs to {model_input}'s checkpoint")
-    if vae_downscale(vae) is None:
+    if vae_downscale(vae) is None or getattr(vae, "latent_dim", 2) != 2:
         raise fail(vae_input, "not an image VAE with a fixed downscale factor", "connect an image VAE")
+    if row is not None and vae_downscale(vae) != row.vae_downscale:
+        raise fail(vae_input, f"this VAE maps {vae_downscale(vae)} pixels to one latent pixel, {label} VAEs "
+                              f"{row.vae_downscale} (another model family's VAE with {fmt.latent_channels} channels)",
+                   f"connect the VAE that belongs to {model_input}'s checkpoint")
     fam_v = vae_family(vae)
     # a VAE belongs to a latent space: families sharing one (sdxl, pixart) share their VAEs
     if fam_v is not None and row is not None and FAMILIES[fam_v].latent_format is not row.latent_format:

@@ -57,12 +57,33 @@ Routes = io.Custom("ATELIER_ROUTES")
 
 
 # ------------------------------------------------------------------ helpers
-def _sigma_table(model) -> torch.Tensor:
+def _flow_sigma_max(ms) -> float | None:
+    """sigma_max of a flow (CONST) model_sampling whose own timestep is proportional to sigma (Flux, SD3), else None."""
+    import comfy.model_sampling as cms
+    if not isinstance(ms, cms.CONST):
+        return None
+    try:
+        top = float(ms.sigma_max)
+        probe = [float(ms.timestep(torch.tensor(top * f))) / (top * f) for f in (0.25, 0.5, 1.0)]
+    except Exception:  # noqa: BLE001  a model_sampling without these: not one we can map timesteps on
+        return None
+    if top > 0 and probe[0] > 0 and max(probe) - min(probe) <= 1e-5 * max(probe):
+        return top
+    return None
+
+
+def _timesteps(model, name: str = "boundaries"):
+    """How timesteps map to sigmas on ``model``'s own (possibly patched) schedule: its discrete sigma table
+    (DDPM models: SD1.5, SDXL, PixArt), or, on a flow model (Flux, SD3), t = 1000·sigma (``te.FlowTimesteps``)."""
+    import comfy.model_sampling as cms
     ms = model.get_model_object("model_sampling")
-    tab = getattr(ms, "sigmas", None)
-    if tab is None:
-        raise ValueError("boundaries: this model has no discrete sigma table (e.g. a flow model); use mode 'sigma'")
-    return tab.detach().float().cpu()
+    if isinstance(ms, cms.ModelSamplingDiscrete) and getattr(ms, "sigmas", None) is not None:
+        return te.TableTimesteps(ms.sigmas.detach().float().cpu())
+    top = _flow_sigma_max(ms)
+    if top is not None:
+        return te.FlowTimesteps(top)
+    raise ValueError(f"{name}: this model's schedule ({type(ms).__name__}) has neither a discrete sigma table nor a "
+                     "flow timestep, so timesteps cannot be mapped to noise levels; use mode 'sigma'")
 
 
 def _family_key(model):
@@ -137,12 +158,11 @@ class RouterState:
     """Per routed MODEL: experts, the rule (thresholds or a gate), the route record, per-run state.
     Held in the wrappers' closures and as an attachment (shared by clones: execution is sequential)."""
 
-    def __init__(self, experts, names, thresholds, sigma_table, gate=None, gate_noise=0.0, gate_seed=0):
+    def __init__(self, experts, names, thresholds, timesteps, gate=None, gate_noise=0.0, gate_seed=0):
         self.experts = experts            # ModelPatchers as given (index 0 = the routed model's base)
         self.names = names
         self.thresholds = list(thresholds)
-        self.sigma_table = sigma_table
-        self.logs = te.log_table(sigma_table)
+        self.timesteps = te.as_timesteps(timesteps)  # t <-> sigma on expert 1's schedule (table or flow)
         self.gate = gate
         self.gate_noise = float(gate_noise)
         self.gate_seed = int(gate_seed)
@@ -155,7 +175,7 @@ class RouterState:
         self.derived = (None, None, None)  # (key, experts, objects): the last derived experts, reused while unchanged
 
     def choose(self, sigma: float) -> tuple[int, float]:
-        t = te.timestep_from_logs(sigma, self.logs)
+        t = self.timesteps.from_sigma(sigma)
         if self.gate is not None:
             return te.router_choose(self.gate, t, self.gate_noise, self.run.gen if self.run else None), t
         return te.expert_for_sigma(sigma, self.thresholds), t
@@ -413,11 +433,11 @@ def _warn_sampler_level_patches(experts: list, names: list[str]) -> list[str]:
     return found
 
 
-def build_routed(experts: list, names: list[str], thresholds, sigma_table, gate=None, gate_noise=0.0, gate_seed=0):
+def build_routed(experts: list, names: list[str], thresholds, timesteps, gate=None, gate_noise=0.0, gate_seed=0):
     """Clone of expert 1 that routes by noise level. Returns (routed MODEL, RouterState)."""
     check_same_family(experts, names)
     routed = experts[0].clone()
-    state = RouterState(experts, names, thresholds, sigma_table, gate, gate_noise, gate_seed)
+    state = RouterState(experts, names, thresholds, timesteps, gate, gate_noise, gate_seed)
     own = [experts[i] for i in range(1, len(experts)) if not state.shared[i]]
     routed.set_additional_models(KEY, own)
     routed.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY)
@@ -437,7 +457,7 @@ def build_routed(experts: list, names: list[str], thresholds, sigma_table, gate=
 def _boundary_summary(state: RouterState) -> str:
     parts = []
     for i, th in enumerate(state.thresholds):
-        t = te.T_MAX if math.isinf(th) else (0.0 if th <= 0 else te.sigma_to_timestep(th, state.sigma_table))
+        t = te.T_MAX if math.isinf(th) else (0.0 if th <= 0 else state.timesteps.from_sigma(th))
         parts.append(f"{state.names[i]} | {state.names[i + 1]} at sigma {th:.4g} (t≈{t:.1f})")
     return "; ".join(parts)
 
@@ -494,10 +514,10 @@ class AtelierTimeExperts(io.ComfyNode):
             if m is not None:
                 experts.append(m)
                 names.append(n)
-        table = _sigma_table_or_none(model_1)
+        table = _timesteps_or_none(model_1)
         if table is None:
             if mode != "sigma":
-                raise ValueError("mode: this model has no discrete sigma table (e.g. a flow model); use mode 'sigma'")
+                _timesteps(model_1, "mode")  # raises the error that says why and what to do
             table = torch.tensor([1e-3, 1e3])  # only for the timestep shown in the record
         thresholds = te.parse_boundaries(boundaries, mode, len(experts), table)
         routed, state = build_routed(experts, names, thresholds, table)
@@ -509,9 +529,9 @@ class AtelierTimeExperts(io.ComfyNode):
         return io.NodeOutput(routed, state.record, summary)
 
 
-def _sigma_table_or_none(model):
+def _timesteps_or_none(model):
     try:
-        return _sigma_table(model)
+        return _timesteps(model)
     except ValueError:
         return None
 
@@ -564,9 +584,9 @@ class AtelierTimeRouter(io.ComfyNode):
         state: RouterState | None = model.get_attachment(KEY)
         if state is None:
             raise ValueError("model: not a routed MODEL; connect the MODEL output of Atelier Time Experts")
-        ts = torch.linspace(0, 999, levels)
+        ts = torch.linspace(state.timesteps.t_min, 999, levels)
         if calibration == "fit_boundaries":
-            tb = [te.T_MAX if math.isinf(th) else (0.0 if th <= 0 else te.sigma_to_timestep(th, state.sigma_table))
+            tb = [te.T_MAX if math.isinf(th) else (0.0 if th <= 0 else state.timesteps.from_sigma(th))
                   for th in state.thresholds]
             gate = te.router_for_boundaries(tb, seed=seed)
             losses = None
@@ -578,7 +598,7 @@ class AtelierTimeRouter(io.ComfyNode):
             if not bool(torch.isfinite(latent["samples"]).all()):
                 raise fail("latent", "the calibration latents contain NaN or infinite values",
                            "VAE Encode finite reference images (check the nodes before it)")
-            sig = [te.timestep_to_sigma(float(t), state.sigma_table) for t in ts]
+            sig = [state.timesteps.to_sigma(float(t)) for t in ts]
             pbar = comfy.utils.ProgressBar(len(state.experts) * len(sig))  # one tick per expert call
             losses = torch.stack([measure_denoising_error(e, positive, latent["samples"], sig, seed, pbar)
                                   for e in state.experts], dim=1)
@@ -589,7 +609,7 @@ class AtelierTimeRouter(io.ComfyNode):
                                     "(its prediction has NaN/inf), so no gate can be fitted",
                            "check that expert (its weights, LoRA or compute dtype) or use 'fit_boundaries'")
             gate = te.fit_router(ts, losses, seed=seed)
-        routed, new_state = build_routed(state.experts, state.names, state.thresholds, state.sigma_table,
+        routed, new_state = build_routed(state.experts, state.names, state.thresholds, state.timesteps,
                                          gate=gate, gate_noise=gate_noise, gate_seed=seed)
         lines = [f"gate accuracy on calibration levels: {gate['accuracy']:.2f}"]
         for i, t in enumerate(ts.tolist()):
@@ -610,11 +630,14 @@ def measure_denoising_error(expert, positive, latent: torch.Tensor, sigmas: list
     eps = torch.randn(latent.shape, generator=gen)
 
     def calib(model, x, _sigmas, extra_args=None, callback=None, disable=None):
-        x0 = model.inner_model.inner_model.process_latent_in(latent.to(x.device, x.dtype))
+        base = model.inner_model.inner_model
+        x0 = base.process_latent_in(latent.to(x.device, x.dtype))
         s_in = x.new_ones([x.shape[0]])
         for s in sigmas:
             mm.throw_exception_if_processing_interrupted()
-            xt = x0 + s * eps.to(x.device, x.dtype)
+            # noised in the model's own form: x0 + sigma·eps (DDPM), (1 - sigma)·x0 + sigma·eps (flow)
+            xt = base.model_sampling.noise_scaling(torch.tensor(float(s), device=x.device), eps.to(x.device, x.dtype),
+                                                   x0)
             den = model(xt, s * s_in, **(extra_args or {}))
             errs.append(float(((den.detach() - x0) ** 2).mean()))
             if pbar is not None:
@@ -676,6 +699,9 @@ class AtelierStructTextureSampler(io.ComfyNode):
                                tooltip="Texture model's pixel resolution relative to the structure model's (2 = "
                                        "SD1.5 at 512 → SDXL at 1024). Not 1, or a different latent family, uses the "
                                        "Coop bridge: decode, resize in pixels, encode, re-noise with fresh noise."),
+                io.Float.Input("texture_cfg", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01, optional=True,
+                               tooltip="Guidance scale of the texture model; 0 = the same as cfg. Across families the "
+                                       "two often differ (Flux dev at cfg 1 with Flux Guidance, SDXL at 5-7)."),
             ],
             outputs=[
                 io.Latent.Output("latent", display_name="latent",
@@ -688,7 +714,8 @@ class AtelierStructTextureSampler(io.ComfyNode):
     @classmethod
     def execute(cls, structure_model, structure_positive, structure_negative, texture_model, latent_image, seed,
                 steps, cfg, sampler_name, scheduler, t_struct, denoise, texture_positive=None,
-                texture_negative=None, structure_vae=None, texture_vae=None, texture_scale=1.0) -> io.NodeOutput:
+                texture_negative=None, structure_vae=None, texture_vae=None, texture_scale=1.0,
+                texture_cfg=0.0) -> io.NodeOutput:
         check_conditioning(structure_model, structure_positive, "structure_model", "structure_positive")
         check_conditioning(structure_model, structure_negative, "structure_model", "structure_negative")
         for given, name, fallback in ((texture_positive, "texture_positive", structure_positive),
@@ -709,25 +736,39 @@ class AtelierStructTextureSampler(io.ComfyNode):
             texture_positive if texture_positive is not None else structure_positive,
             texture_negative if texture_negative is not None else structure_negative,
             latent_image, seed, steps, cfg, sampler_name, scheduler, t_struct, denoise,
-            structure_vae, texture_vae, texture_scale)
+            structure_vae, texture_vae, texture_scale, texture_cfg=texture_cfg or None)
         return io.NodeOutput(latent, record)
 
 
-def _recording(model, record, sigma_table, expert: int):
+def _recording(model, record, timesteps, expert: int):
     m = model.clone()
-    logs = te.log_table(sigma_table)
 
     def rec(executor, mdl, conds, x_in, timestep, model_options):
         s = float(timestep.flatten()[0])
-        te.record_call(record, s, te.timestep_from_logs(s, logs), expert)
+        te.record_call(record, s, timesteps.from_sigma(s), expert)
         return executor(mdl, conds, x_in, timestep, model_options)
     m.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, REC_KEY, rec)
     return m
 
 
+def _same_schedule(a, b, steps, sampler_name, scheduler, denoise) -> bool:
+    """Whether ``a`` and ``b`` sample on one schedule in one parametrisation (same sigmas, same noise-to-signal
+    ratio at each): then the core KSamplerAdvanced chain hands over at the right noise level."""
+    from ..models import coop
+    sig = []
+    for m in (a, b):
+        ks = comfy.samplers.KSampler(m, steps=steps, device=m.load_device, sampler=sampler_name, scheduler=scheduler,
+                                     denoise=denoise, model_options=m.model_options)
+        sig.append(ks.sigmas.detach().cpu())
+    if not torch.equal(sig[0], sig[1]):
+        return False
+    ms_a, ms_b = a.get_model_object("model_sampling"), b.get_model_object("model_sampling")
+    return all(coop.noise_to_signal(ms_a, float(v)) == coop.noise_to_signal(ms_b, float(v)) for v in sig[0][:-1])
+
+
 def _plan_struct_texture(structure, steps, sampler_name, scheduler, denoise, t_struct):
     """The structure model's schedule split at T_struct: (sigma table, sigmas, a fresh route record, segments)."""
-    table = _sigma_table(structure)
+    table = _timesteps(structure, "t_struct")
     thresholds = te.parse_boundaries(str(t_struct), "timestep", 2, table, name="t_struct")
     ks = comfy.samplers.KSampler(structure, steps=steps, device=structure.load_device, sampler=sampler_name,
                                  scheduler=scheduler, denoise=denoise, model_options=structure.model_options)
@@ -738,27 +779,35 @@ def _plan_struct_texture(structure, steps, sampler_name, scheduler, denoise, t_s
 
 
 def struct_texture_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed, steps, cfg, sampler_name,
-                          scheduler, t_struct, denoise, structure_vae=None, texture_vae=None, texture_scale=1.0):
+                          scheduler, t_struct, denoise, structure_vae=None, texture_vae=None, texture_scale=1.0,
+                          texture_cfg=None):
     """Two stages on one schedule, exactly as the core KSamplerAdvanced chain (start/end step, leftover
-    noise). Across latent families or resolutions the handoff goes through the Coop bridge."""
+    noise), where both models have one latent space and one noise schedule. Otherwise each model samples on
+    its own schedule and the handoff matches the noise level through each model's own ``model_sampling``
+    (``coop.bridged_two_stage``): across latent spaces or resolutions through the Coop bridge (VAEs), in one
+    latent space with another schedule (PixArt-Σ ↔ SDXL) by handing the leftover latent over unchanged at the
+    equivalent sigma."""
     import nodes as comfy_nodes  # ComfyUI's top-level nodes module
-    if _family_key(structure) != _family_key(texture) or abs(float(texture_scale) - 1.0) > 1e-9:
+    if (_family_key(structure) != _family_key(texture) or abs(float(texture_scale) - 1.0) > 1e-9
+            or not _same_schedule(structure, texture, steps, sampler_name, scheduler, denoise)):
         return _bridged_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed, steps, cfg,
-                               sampler_name, scheduler, t_struct, denoise, structure_vae, texture_vae, texture_scale)
+                               sampler_name, scheduler, t_struct, denoise, structure_vae, texture_vae, texture_scale,
+                               texture_cfg)
     table, _, record, segs = _plan_struct_texture(structure, steps, sampler_name, scheduler, denoise, t_struct)
     models = [_recording(structure, record, table, 0), _recording(texture, record, table, 1)]
     conds = [(s_pos, s_neg), (t_pos, t_neg)]
+    cfgs = [cfg, cfg if texture_cfg is None else texture_cfg]
     out = latent
     for k, (e, start, end) in enumerate(segs):
         first, last = k == 0, k == len(segs) - 1
         out = comfy_nodes.common_ksampler(
-            models[e], seed, steps, cfg, sampler_name, scheduler, conds[e][0], conds[e][1], out, denoise=denoise,
+            models[e], seed, steps, cfgs[e], sampler_name, scheduler, conds[e][0], conds[e][1], out, denoise=denoise,
             disable_noise=not first, start_step=start, last_step=end, force_full_denoise=last)[0]
     return out, record
 
 
 def _bridged_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed, steps, cfg, sampler_name,
-                    scheduler, t_struct, denoise, structure_vae, texture_vae, texture_scale):
+                    scheduler, t_struct, denoise, structure_vae, texture_vae, texture_scale, texture_cfg=None):
     """Structure stage on its own schedule down to T_struct, Coop bridge (x̂0 → decode → resize → encode →
     fresh noise at the equivalent level), texture stage on its own schedule from there: the Coop bridge's
     two-stage sampler (``coop.bridged_two_stage``), with each stage's calls recorded."""
@@ -770,7 +819,8 @@ def _bridged_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed
     except (ImportError, AttributeError):
         raise ValueError(f"texture_model: this handoff ({why}) needs the Coop bridge, which is not installed in this "
                          "version of Atelier; use two models of one family at one resolution") from None
-    if structure_vae is None or texture_vae is None:
+    needs_vae = not coop_nodes.same_latent_space(structure, texture) or abs(float(texture_scale) - 1.0) > 1e-9
+    if needs_vae and (structure_vae is None or texture_vae is None):
         raise ValueError(f"structure_vae/texture_vae: this handoff ({why}) goes through the Coop bridge, which "
                          "decodes and re-encodes: connect both models' VAEs")
     table, sigmas, record, segs = _plan_struct_texture(structure, steps, sampler_name, scheduler, denoise, t_struct)
@@ -778,10 +828,10 @@ def _bridged_sample(structure, s_pos, s_neg, texture, t_pos, t_neg, latent, seed
     out, _ = two_stage(
         structure, texture, latent, sigmas, split, vae_first=structure_vae, vae_second=texture_vae, seed=seed,
         steps=steps, sampler_name=sampler_name, scheduler=scheduler, cfg_first=cfg, positive_first=s_pos,
-        negative_first=s_neg, cfg_second=cfg, positive_second=t_pos, negative_second=t_neg,
+        negative_first=s_neg, cfg_second=cfg if texture_cfg is None else texture_cfg, positive_second=t_pos, negative_second=t_neg,
         scale=float(texture_scale), bridge_seed=seed, second_seed=seed,
         sample_first=_recording(structure, record, table, 0),
-        sample_second=_recording(texture, record, _sigma_table(texture), 1),
+        sample_second=_recording(texture, record, _timesteps(texture, "t_struct"), 1),
         names=("structure_model", "structure_vae", "texture_model", "texture_vae"), scale_input="texture_scale")
     return out, record
 

@@ -64,8 +64,93 @@ def coop_noise_aware_hires(g):
     g.node("SaveImage", images=img[0], filename_prefix="atelier_coop_noise_aware_hires")
 
 
+# ---------------------------------------------------------------- across UNet and flow/DiT families (issue 18)
+FLUX_DEV = "flux1-dev.safetensors"
+CLIP_L = "clip_l.safetensors"
+T5XXL = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
+PROMPT = "a red circle left of a blue square, flat colours"
+TINY = ("With `python tools/atelier.py run --tiny` (or --mini) every loader is replaced by Atelier's tiny seeded "
+        "model of its family and the latents by their tiny sizes, so the graph runs without weights.")
+VRAM = ("VRAM: Flux dev (12 B parameters, ~24 GB in bf16, ~12 GB in fp8) and SDXL (~7 GB) are loaded by ComfyUI's "
+        "model management one after the other here (one stage each); on a 24 GB card pick the fp8 Flux weights "
+        "(weight_dtype fp8_e4m3fn) so both fit, smaller cards stream them (lowvram) and take longer.")
+
+
+def _flux(g, prompt, title="Flux (structure)", guidance=3.5):
+    model = g.node("UNETLoader", title=f"{title}: model", unet_name=FLUX_DEV, weight_dtype="default")
+    clip = g.node("DualCLIPLoader", title=f"{title}: text encoders", clip_name1=CLIP_L, clip_name2=T5XXL, type="flux")
+    vae = g.node("VAELoader", title=f"{title}: VAE", vae_name=FLUX_VAE)
+    pos = g.node("CLIPTextEncode", title=f"{title}: prompt", text=prompt, clip=clip[0])
+    guided = g.node("FluxGuidance", conditioning=pos[0], guidance=guidance)
+    neg = g.node("CLIPTextEncode", title=f"{title}: negative (unused at cfg 1)", text="", clip=clip[0])
+    return model, vae, guided, neg
+
+
+def coop_flux_to_sdxl(g):
+    g.note("Flux structure → SDXL texture through the Coop bridge (PanGu-Draw): Flux dev lays out the picture for "
+           "t ∈ [1000, 500] of its own flow schedule (t = 1000·sigma, so 500 is sigma 0.5, signal = noise, whatever "
+           "ModelSamplingFlux's shift); at T_struct its clean estimate is decoded with the Flux VAE, encoded with "
+           "SDXL's VAE and re-noised with fresh white noise of SDXL's shape at the same noise-to-signal ratio "
+           "(an SDXL sigma of 0.5 / (1 − 0.5) = 1.0); SDXL, e.g. a finetune with its LoRAs, adds texture on its own "
+           "schedule from there. Flux runs at cfg 1 with Flux Guidance, SDXL at texture_cfg 6. " + VRAM + " " + TINY)
+    fm, fv, fpos, fneg = _flux(g, PROMPT)
+    x, xpos, xneg = _model(g, SDXL, PROMPT, "SDXL (texture)")
+    lat = g.node("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
+    st = g.node("AtelierStructTextureSampler", structure_model=fm[0], structure_positive=fpos[0],
+                structure_negative=fneg[0], texture_model=x[0], texture_positive=xpos[0], texture_negative=xneg[0],
+                latent_image=lat[0], seed=42, steps=12, cfg=1.0, sampler_name="euler", scheduler="simple",
+                t_struct=500, denoise=1.0, structure_vae=fv[0], texture_vae=x[2], texture_scale=1.0, texture_cfg=6.0)
+    img = g.node("VAEDecode", samples=st[0], vae=x[2])
+    g.node("SaveImage", images=img[0], filename_prefix="atelier_coop_flux_to_sdxl")
+    g.node("AtelierDrawRoutes", routes=st[1], samples=st[0], height=96, column_width=12)
+
+
+def coop_sdxl_to_flux(g):
+    g.note("SDXL structure → Flux texture: SDXL (an SD finetune's composition, its LoRAs) denoises t ≥ 500 of its "
+           "own schedule; the bridge hands its clean estimate to Flux through both VAEs with fresh 16-channel noise "
+           "at the flow sigma of the same noise-to-signal ratio (SDXL sigma s → Flux sigma s / (1 + s)), and Flux dev "
+           "finishes at cfg 1 with Flux Guidance (texture_cfg 1). " + VRAM + " " + TINY)
+    x, xpos, xneg = _model(g, SDXL, PROMPT, "SDXL (structure)")
+    fm, fv, fpos, fneg = _flux(g, PROMPT, "Flux (texture)")
+    lat = g.node("EmptyLatentImage", width=1024, height=1024, batch_size=1)
+    st = g.node("AtelierStructTextureSampler", structure_model=x[0], structure_positive=xpos[0],
+                structure_negative=xneg[0], texture_model=fm[0], texture_positive=fpos[0], texture_negative=fneg[0],
+                latent_image=lat[0], seed=42, steps=12, cfg=6.0, sampler_name="euler", scheduler="normal",
+                t_struct=500, denoise=1.0, structure_vae=x[2], texture_vae=fv[0], texture_scale=1.0, texture_cfg=1.0)
+    img = g.node("VAEDecode", samples=st[0], vae=fv[0])
+    g.node("SaveImage", images=img[0], filename_prefix="atelier_coop_sdxl_to_flux")
+    g.node("AtelierDrawRoutes", routes=st[1], samples=st[0], height=96, column_width=12)
+
+
+def coop_flux_noise_aware_hires(g):
+    g.note("Flux hires fix with the noise-aware upscale on 16-channel latents: KSamplerAdvanced stops at step 6 of 12 "
+           "with leftover noise (ComfyUI returns a flow latent as x0 + sigma/(1 − sigma)·noise); Atelier's upscaler "
+           "estimates the clean image at that level, upscales it ×1.5 in pixel space through the Flux VAE and "
+           "re-noises it with fresh white noise at the same level; a second KSamplerAdvanced continues from step 6 "
+           "with add_noise disabled (a bilinear latent upscale would correlate the noise: lag-1 autocorrelation "
+           "~0.7 instead of ~0). With SamplerCustomAdvanced instead, connect SplitSigmas' low_sigmas to the "
+           "upscaler's 'sigmas' input. Keep steps/sampler/scheduler/end_at_step equal across the three nodes. " + TINY)
+    fm, fv, fpos, fneg = _flux(g, PROMPT, "Flux")
+    lat = g.node("EmptySD3LatentImage", width=768, height=768, batch_size=1)
+    common = {"model": fm[0], "noise_seed": 42, "steps": 12, "cfg": 1.0, "sampler_name": "euler",
+              "scheduler": "simple", "positive": fpos[0], "negative": fneg[0]}
+    k1 = g.node("KSamplerAdvanced", add_noise="enable", latent_image=lat[0], start_at_step=0, end_at_step=6,
+                return_with_leftover_noise="enable", **common)
+    up = g.node("AtelierNoiseAwareLatentUpscale", model=fm[0], vae=fv[0], positive=fpos[0], negative=fneg[0],
+                samples=k1[0], cfg=1.0, steps=12, sampler_name="euler", scheduler="simple", end_at_step=6, scale=1.5,
+                resize_method="bicubic", seed=7)
+    k2 = g.node("KSamplerAdvanced", add_noise="disable", latent_image=up[0], start_at_step=6, end_at_step=10000,
+                return_with_leftover_noise="disable", **common)
+    img = g.node("VAEDecode", samples=k2[0], vae=fv[0])
+    g.node("SaveImage", images=img[0], filename_prefix="atelier_coop_flux_noise_aware_hires")
+
+
 WORKFLOWS = {
     "coop_sd15_sdxl_fused.json": coop_sd15_sdxl_fused,
     "coop_sd15_to_sdxl_upscale.json": coop_sd15_to_sdxl_upscale,
     "coop_noise_aware_hires.json": coop_noise_aware_hires,
+    "coop_flux_to_sdxl.json": coop_flux_to_sdxl,
+    "coop_sdxl_to_flux.json": coop_sdxl_to_flux,
+    "coop_flux_noise_aware_hires.json": coop_flux_noise_aware_hires,
 }
