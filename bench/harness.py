@@ -23,14 +23,21 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 sys.path.insert(0, str(TOOLS))
 
 
+#: Benches run against a ComfyUI base directory of their own (models/, input/, user/ ...), as the demo does:
+#: the worlds, indexes and predictors they build never land in the user's ComfyUI folders.
+#: ATELIER_BENCH_BASE picks another one.
+BENCH_BASE = Path(os.environ.get("ATELIER_BENCH_BASE") or ROOT / "out" / "bench_base")
+
+
 def boot(out_dir: str | None = None):
-    """The in-process ComfyUI with the pack loaded (tools/headless.Headless)."""
+    """The in-process ComfyUI with the pack loaded (tools/headless.Headless), on the bench's own base dir."""
     import headless
     logging.basicConfig(level=logging.ERROR)
     if headless.Headless.current() is not None:
         return headless.Headless.current()
     out = out_dir or str(ROOT / "out" / "bench")
-    return headless.Headless(output_dir=out)
+    BENCH_BASE.mkdir(parents=True, exist_ok=True)
+    return headless.Headless(output_dir=out, base_dir=str(BENCH_BASE))
 
 
 def device_info() -> dict:

@@ -70,9 +70,11 @@ def comfy(comfy_path, session_dir):
     example = comfy_path / "input" / "example.png"
     if example.is_file():
         shutil.copy(example, input_dir / "example.png")
+    # A ComfyUI base directory of the session's own (models/, temp/ for previews, ...): the suite writes
+    # nothing into the user's ComfyUI folders and reads none of the user's models.
     h = headless.Headless(comfy_path=comfy_path, output_dir=str(session_dir / "output"),
                           input_dir=str(input_dir), user_dir=str(session_dir / "user"),
-                          pack_path=str(link), cpu=True)
+                          pack_path=str(link), cpu=True, base_dir=str(session_dir / "base"))
     # The pack's model folders (trained LEPs, kNN indexes, open_clip files) are this session's own:
     # the suite never reads, reuses or replaces files of the user's ComfyUI.
     fp = h.folder_paths

@@ -527,6 +527,10 @@ def cmd_test(ns) -> int:
     env = tools_env(dict(os.environ, PYTHONSAFEPATH="1"))  # keep the repo root off sys.path (Python >= 3.11)
     if ns.slow:
         env["ATELIER_SLOW"] = "1"
+    # One torch thread unless told otherwise: the tests' models are tiny, and on a loaded 2-core machine two
+    # threads spin-wait on each other at every operation (measured 10-25x the CPU time).
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")
     args = list(ns.pytest_args)
     targets = [] if any(a.startswith("tests") or a.endswith(".py") for a in args) else [str(ROOT / "tests")]
     with tempfile.TemporaryDirectory(prefix="atelier_test_") as tmp:
