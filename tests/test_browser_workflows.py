@@ -22,7 +22,9 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
-def front(comfy_path, tmp_path_factory):
+def front(comfy_path, comfy, tmp_path_factory):
+    # ``comfy`` (the in-process ComfyUI some tests here read workflows with) boots first: it cannot boot once
+    # Playwright's sync API runs its event loop in this thread.
     browser = load_tool("browser")
     if browser.chromium_path() is None:
         msg = "Chromium not installed: browser tests skipped (apt-get install chromium; setup does it under CI)"
