@@ -314,7 +314,7 @@ class AtelierMiniKNNOpenCLIPLoader(io.ComfyNode):
         return io.Schema(
             node_id="AtelierMiniKNNOpenCLIPLoader",
             display_name="Atelier Mini kNN open_clip",
-            category="atelier/retrieval",
+            category="atelier/loaders",
             description="A toy open_clip (both towers, 32-d) trained on the generated world: text queries find "
                         "images of the colours and shapes they name, and its image embeddings are what Atelier Mini "
                         "unCLIP reads. Mini mode puts it in place of Atelier kNN open_clip Loader. Ships with the pack.",

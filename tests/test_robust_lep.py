@@ -213,8 +213,11 @@ def test_already_trained_says_loudly_which_inputs_were_ignored(run_graph, names,
 def test_old_ui_workflows_load_and_the_switch_is_the_last_widget(comfy):
     wf = json.loads((Path(__file__).resolve().parent.parent / "workflows" / "lep_training.json").read_text())
     node = next(n for n in wf["nodes"] if n["type"] == "AtelierTrainLEP")
+    (nid, train), = [(k, v) for k, v in comfy.to_prompt(wf, tiny=True).items() if v["class_type"] == "AtelierTrainLEP"]
+    assert train["inputs"].get("overwrite") is False            # today's file carries the switch, off, last
+    node["widgets_values"] = list(node["widgets_values"])[:-1]  # the same node as a UI before the switch saved it
     prompt = comfy.to_prompt(wf, tiny=True)
-    (nid, train), = [(k, v) for k, v in prompt.items() if v["class_type"] == "AtelierTrainLEP"]
+    train = prompt[nid]
     assert "overwrite" not in train["inputs"] and train["inputs"]["save_every"] == node["widgets_values"][-1]
     comfy.validate(prompt)                         # a saved workflow without the new widget still validates
     node["widgets_values"] = list(node["widgets_values"]) + [True]
