@@ -172,6 +172,22 @@ class TinySD3ClipModel(comfy.text_encoders.sd3_clip.SD3ClipModel):
 
 
 
+def _flux_row(config, **extra) -> dict:
+    """A tiny Flux family's row (dev and schnell differ in their model config and the VAE they share): a fresh
+    dict and text-encoder class per call, as each row had its own."""
+    return {
+        "config": config,
+        "clip_target": (comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip()),
+        "clip_options": {"t5xxl_model_config": dict(_T5_SMALL),
+                         "clip_l_model_config": {**_CLIP_SMALL, "hidden_size": 64, "intermediate_size": 256,
+                                                 "num_hidden_layers": 1, "projection_dim": 64}},
+        "vae_scale": 0.5, "vae_shift": 0.1, "vae_channels": 16,
+        **extra,
+        "native_px": 128,
+        "latent_format": "Flux",
+    }
+
+
 FAMILIES = {
     "sd15": {
         "config": TinySD15,
@@ -202,27 +218,8 @@ FAMILIES = {
         "native_px": 320,
         "latent_format": "SDXL",
     },
-    "flux": {
-        "config": TinyFlux,
-        "clip_target": (comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip()),
-        "clip_options": {"t5xxl_model_config": dict(_T5_SMALL),
-                         "clip_l_model_config": {**_CLIP_SMALL, "hidden_size": 64, "intermediate_size": 256,
-                                                 "num_hidden_layers": 1, "projection_dim": 64}},
-        "vae_scale": 0.5, "vae_shift": 0.1, "vae_channels": 16,
-        "native_px": 128,
-        "latent_format": "Flux",
-    },
-    "flux_schnell": {
-        "config": TinyFluxSchnell,
-        "clip_target": (comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip()),
-        "clip_options": {"t5xxl_model_config": dict(_T5_SMALL),
-                         "clip_l_model_config": {**_CLIP_SMALL, "hidden_size": 64, "intermediate_size": 256,
-                                                 "num_hidden_layers": 1, "projection_dim": 64}},
-        "vae_scale": 0.5, "vae_shift": 0.1, "vae_channels": 16,  # flux's VAE: one latent space
-        "vae_family": "flux",
-        "native_px": 128,
-        "latent_format": "Flux",
-    },
+    "flux": _flux_row(TinyFlux),
+    "flux_schnell": _flux_row(TinyFluxSchnell, vae_family="flux"),  # flux's VAE: one latent space
     "sd3": {
         "config": TinySD3,
         "clip_target": (comfy.text_encoders.sd3_clip.SD3Tokenizer, TinySD3ClipModel),
