@@ -130,6 +130,13 @@ class Family:
     model_types: tuple = ()
     #: pixels per latent pixel of the family's image VAEs (full KL and TAESD-type alike)
     vae_downscale: int = 8
+    #: the tokenizer streams (keys of ``clip.tokenize``) whose tokens make the model's text context, in their
+    #: order along the token axis (set for the DiT rows in ``_TEXT_ATTENTION`` below)
+    text_streams: tuple = ("l",)
+    #: DiT/MMDiT blocks whose text attention makes the token -> region maps: (block kind of nodes/dit_hooks,
+    #: from, to) windows of relative depth ((i + 0.5) / n of that kind); () = the UNet rule (blocks at 1/2 and
+    #: 1/4 of the latent size)
+    map_blocks: tuple = ()
 
 
 FAMILIES: dict[str, Family] = {
@@ -142,6 +149,23 @@ FAMILIES: dict[str, Family] = {
     "sd3": Family("sd3", comfy.latent_formats.SD3, 16, {1.5305: "TAESD3"}, "SD3", 1024, "mmdit-joint", ()),
     "flux": Family("flux", comfy.latent_formats.Flux, 16, {0.3611: "TAEF1"}, "Flux", 1024, "mmdit-joint", ()),
 }
+
+
+#: Text context and map blocks of the DiT rows (space experts, paint-with-words). Streams: SD1.5/SDXL read the
+#: CLIP BPE tokens ("l"; SDXL's "g" lies on the same positions); PixArt and Flux the T5 sentencepiece pieces only
+#: (Flux's CLIP-L gives the pooled vector alone); SD3 the CLIP-L/G tokens, then the T5 pieces. Map blocks, from
+#: the blocks' roles (not measured on real weights: none can be downloaded here): PixArt the middle half of its
+#: blocks (the first ones place the layout coarsely, the last ones refine texture); Flux every double-stream block
+#: (separate text and image streams: the cleanest image->text maps) and the first half of the single-stream ones
+#: (later ones attend mostly image->image); SD3 every joint block but the last quarter (the last block ends the
+#: text stream).
+_TEXT_ATTENTION = {
+    "pixart": (("t5xxl",), (("block", 0.25, 0.75),)),
+    "flux": (("t5xxl",), (("double", 0.0, 1.0), ("single", 0.0, 0.5))),
+    "sd3": (("l", "t5xxl"), (("joint", 0.0, 0.75),)),
+}
+for _name, (_streams, _blocks) in _TEXT_ATTENTION.items():
+    FAMILIES[_name].text_streams, FAMILIES[_name].map_blocks = _streams, _blocks
 
 
 def native_px(model) -> int | None:
