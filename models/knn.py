@@ -457,6 +457,18 @@ class QueryMixin:
     own ``search(query, k, nprobe)``, ``load_image(row)``, ``manifest``, ``name``."""
 
     backend = "faiss"
+    #: what the database is called in errors ("the index <name>", "the collection <name>")
+    holder = "index"
+
+    def _unit_query(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The raw query as a float32 (dim,) vector and its unit-length copy; a wrong width or k < 1 refused."""
+        q = np.asarray(query, dtype=np.float32).reshape(-1)
+        if q.shape[0] != self.dim:
+            raise KNNError(f"Dimension mismatch: the query has {q.shape[0]} values, the {self.holder} {self.name} "
+                           f"holds {self.dim}-d embeddings from {self.embedder_info.get('name')}.")
+        if k < 1:
+            raise KNNError("k must be at least 1.")
+        return q, q / max(float(np.linalg.norm(q)), 1e-12)
 
     def check_embedder(self, embedder: Embedder, strict: bool = True) -> None:
         _check_compatible(self.manifest, _embedder_meta(embedder), self.name, building=False, strict=strict)
@@ -525,13 +537,7 @@ class KNNIndex(QueryMixin):
 
     def search(self, query: np.ndarray, k: int, nprobe: int | None = None) -> Neighbours:
         """Nearest neighbours of one raw query embedding (dim,)."""
-        q = np.asarray(query, dtype=np.float32).reshape(-1)
-        if q.shape[0] != self.dim:
-            raise KNNError(f"Dimension mismatch: the query has {q.shape[0]} values, the index {self.name} "
-                           f"holds {self.dim}-d embeddings from {self.embedder_info.get('name')}.")
-        if k < 1:
-            raise KNNError("k must be at least 1.")
-        unit = q / max(float(np.linalg.norm(q)), 1e-12)
+        q, unit = self._unit_query(query, k)
         scores, ids = knn_index.search(self.index, self.info, unit[None], min(k, len(self)), self.vectors, nprobe)
         keep = ids[0] >= 0
         ids, scores = ids[0][keep], scores[0][keep]

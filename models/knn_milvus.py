@@ -726,6 +726,7 @@ class MilvusIndex(_query_base()):
     """A finished collection, opened for queries; the same interface as models/knn.KNNIndex."""
 
     backend = "milvus"
+    holder = "collection"
 
     def __init__(self, target: MilvusTarget):
         inp = target.name_input
@@ -765,13 +766,7 @@ class MilvusIndex(_query_base()):
 
     def search(self, query: np.ndarray, k: int, nprobe: int | None = None):
         from . import knn
-        q = np.asarray(query, dtype=np.float32).reshape(-1)
-        if q.shape[0] != self.dim:
-            raise KNNError(f"Dimension mismatch: the query has {q.shape[0]} values, the collection {self.name} "
-                           f"holds {self.dim}-d embeddings from {self.embedder_info.get('name')}.")
-        if k < 1:
-            raise KNNError("k must be at least 1.")
-        unit = q / max(float(np.linalg.norm(q)), 1e-12)
+        q, unit = self._unit_query(query, k)
         params = dict(self.info.get("search", {}))
         if nprobe is not None and "nprobe" in params:
             params["nprobe"] = int(nprobe)

@@ -434,8 +434,12 @@ def test_mismatched_embedder_dimension(tmp_path, embedder, backend):
         index.query_text(wide, "a cat", k=2)
     with pytest.raises(KNNError, match="Dimension mismatch"):
         knn.build_index(tmp_path / "imgs", backend.db(), wide)
-    with pytest.raises(KNNError, match="Dimension mismatch"):
+    holder = {"faiss": "index", "milvus": "collection"}[index.backend]
+    with pytest.raises(KNNError, match=f"Dimension mismatch: the query has 48 values, the {holder} {index.name} "
+                                       "holds 32-d embeddings"):
         index.search(np.ones(48, np.float32), k=2)
+    with pytest.raises(KNNError, match="k must be at least 1"):
+        index.search(np.ones(32, np.float32), k=0)
     same_dim = knn.load_open_clip(knn_embed.save_open_clip(knn_embed.random_open_clip(TINY, seed=2), TINY,
                                                            tmp_path / "other32.safetensors"))
     with pytest.raises(KNNError, match="meaningless"):
