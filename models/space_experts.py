@@ -249,24 +249,34 @@ def mix_regions(background: torch.Tensor, expert_outs: Sequence[torch.Tensor | N
     return mixed.to(background.dtype)
 
 
+def pww_tokens(region_masks: torch.Tensor, groups: Sequence[Sequence[int]], T: int, dtype=torch.float32,
+               device=None) -> torch.Tensor:
+    """A of paint-with-words, (B, N, T): 1 where pixel j lies in region r and token i is one of region r's
+    tokens (region_masks (B, R, N) bool; groups: R lists of token positions, those >= T ignored)."""
+    B, _R, N = region_masks.shape
+    A = torch.zeros(B, N, T, dtype=dtype, device=device if device is not None else region_masks.device)
+    for r, g in enumerate(groups):
+        idx = torch.tensor([i for i in g if i < T], dtype=torch.long, device=A.device)
+        if idx.numel() == 0:
+            continue
+        m = region_masks[:, r].to(dtype)  # (B, N)
+        A[:, :, idx] = torch.maximum(A[:, :, idx], m.unsqueeze(-1).expand(B, N, idx.numel()))
+    return A
+
+
 def pww_bias(logits: torch.Tensor, region_masks: torch.Tensor, groups: Sequence[Sequence[int]],
-             weight: float, sigma: float | torch.Tensor) -> torch.Tensor:
+             weight: float, sigma: float | torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """eDiff-I paint-with-words: logits + w * log(1 + sigma) * max(QK^T) * A.
 
     logits (B, heads, N, T) scaled QK^T/sqrt(d) (adding the bias before or after the 1/sqrt(d)
     scaling is the same thing when max is taken on the same logits); region_masks (B, R, N) bool;
     groups: R lists of token positions; A[j, i] = 1 where pixel j is in region r and token i is
-    one of region r's tokens. sigma: a float or (B,) tensor. The max is per batch item and head,
-    clamped at 0 so a bias never pushes attention away from the painted tokens.
+    one of region r's tokens (``pww_tokens``; pass it as ``tokens`` when already made). sigma: a float
+    or (B,) tensor. The max is per batch item and head, clamped at 0 so a bias never pushes attention
+    away from the painted tokens.
     """
     B, _H, N, T = logits.shape
-    A = torch.zeros(B, N, T, dtype=logits.dtype, device=logits.device)
-    for r, g in enumerate(groups):
-        idx = torch.tensor([i for i in g if i < T], dtype=torch.long, device=logits.device)
-        if idx.numel() == 0:
-            continue
-        m = region_masks[:, r].to(logits.dtype)  # (B, N)
-        A[:, :, idx] = torch.maximum(A[:, :, idx], m.unsqueeze(-1).expand(B, N, idx.numel()))
+    A = tokens if tokens is not None else pww_tokens(region_masks, groups, T, logits.dtype, logits.device)
     s = torch.as_tensor(sigma, dtype=logits.dtype, device=logits.device).reshape(-1)
     if s.numel() == 1:
         s = s.expand(B)
@@ -393,11 +403,93 @@ def draw_routes(image: torch.Tensor, region_experts: torch.Tensor | None, grid: 
 # ----------------------------------------------------------------------------- one block
 
 
+class ProjectionCache:
+    """Keys and values of fixed contexts (the base prompt's, each expert's) per block, reused across calls.
+
+    ``kv(key, ctx, to_k, to_v, weights)`` returns ``(to_k(ctx), to_v(ctx))`` and recomputes them only when
+    ``weights`` (the caller's signature of the block's projection weights) changed or ``ctx`` differs in value
+    from the context the entry was made from. A hit returns the bits a recomputation would give. The owner
+    clears it at every run start."""
+
+    def __init__(self):
+        self.entries: dict = {}
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def kv(self, key, ctx: torch.Tensor, to_k: Callable, to_v: Callable, weights=None):
+        hit = self.entries.get(key)
+        if (hit is not None and hit[0] == weights and hit[1].shape == ctx.shape and hit[1].dtype == ctx.dtype
+                and hit[1].device == ctx.device and torch.equal(hit[1], ctx)):
+            return hit[2], hit[3]
+        k, v = to_k(ctx), to_v(ctx)
+        self.entries[key] = (weights, ctx, k, v)
+        return k, v
+
+
+class RegionPlan:
+    """What one resolution's phrase masks mean for a block, computed once per model call and resolution and
+    shared by every block there: whether anything is painted, each expert's region (``expert_masks``), the
+    experts that paint, their coverage, the mixing weights, and paint-with-words' token maps.
+
+    region_masks (b, P, N) bool or None; route: expert per phrase (-1: none); n_experts: conditioning experts."""
+
+    def __init__(self, region_masks: torch.Tensor | None, route: Sequence[int], n_experts: int):
+        self.masks = region_masks
+        self.any = region_masks is not None and bool(region_masks.any())
+        self.mixing = self.any and n_experts > 0 and any(int(r) >= 0 for r in route)
+        self.em = expert_masks(region_masks, route, n_experts) if self.mixing else None  # (E, b, N)
+        self.painted = self.mixing and bool(self.em.any())
+        self.active = [e for e in range(n_experts) if bool(self.em[e].any())] if self.painted else []
+        self.coverage = self.em.float().mean(dim=(1, 2)) if self.painted else None
+        self.weights = self.covered = self.count = None
+        if self.painted:  # mix_regions' weights and counts, once
+            w = [self.em[e].unsqueeze(-1).float() for e in self.active]
+            cnt = torch.zeros_like(w[0])
+            for m in w:
+                cnt = cnt + m
+            self.weights = torch.stack(w)  # (A, b, N, 1)
+            self.covered = cnt > 0
+            self.count = cnt.clamp_min(1.0)
+        self._tokens: dict = {}
+
+    def tokens(self, key, region_masks: torch.Tensor, groups, T: int, dtype, device) -> torch.Tensor:
+        """``pww_tokens`` of these masks, made once per key, context length, dtype and device."""
+        k = (key, T, dtype, device)
+        A = self._tokens.get(k)
+        if A is None:
+            A = self._tokens[k] = pww_tokens(region_masks, groups, T, dtype, device)
+        return A
+
+
+def expert_attention(q: torch.Tensor, kvs: Sequence[tuple[torch.Tensor, torch.Tensor]], heads: int) -> torch.Tensor:
+    """Softmax attention of q (b, N, C) to each of A projected contexts (k, v), (b, T_a, C) each -> (A, b, N, C)
+    in q's dtype; one batched call when the contexts have one shape (per item the same bits as ``sdpa``)."""
+    if len({tuple(k.shape) for k, _ in kvs} | {tuple(v.shape) for _, v in kvs}) == 1:
+        A, (b, N, _C) = len(kvs), q.shape
+        qh = split_heads(q, heads)
+        H, d = qh.shape[1], qh.shape[-1]
+        qq = qh.unsqueeze(0).expand(A, -1, -1, -1, -1).reshape(A * b, H, N, d)
+        kk = torch.stack([split_heads(k.to(q.dtype), heads) for k, _ in kvs]).reshape(A * b, H, -1, d)
+        vv = torch.stack([split_heads(v.to(q.dtype), heads) for _, v in kvs]).reshape(A * b, H, -1, d)
+        out = F.scaled_dot_product_attention(qq, kk, vv)
+        return out.view(A, b, H, N, d).transpose(2, 3).reshape(A, b, N, H * d)
+    return torch.stack([sdpa(q, k, v, heads) for k, v in kvs])
+
+
+def mix_planned(background: torch.Tensor, outs: torch.Tensor, plan: RegionPlan) -> torch.Tensor:
+    """``mix_regions`` with the plan's weights: outs (A, b, N, C), one per active expert, in plan order."""
+    acc = (outs.float() * plan.weights).sum(dim=0)
+    mixed = torch.where(plan.covered, acc / plan.count, background.float())
+    return mixed.to(background.dtype)
+
+
 def block_update(n_out: torch.Tensor, hidden: torch.Tensor, base_ctx: torch.Tensor,
                  to_q: Callable, to_k: Callable, to_v: Callable, to_out: Callable, heads: int,
                  rows: torch.Tensor, groups: Sequence[Sequence[int]], capture: bool,
                  region_masks: torch.Tensor | None, expert_ctx: Sequence[torch.Tensor],
                  route: Sequence[int], pww_weight: float, sigma: torch.Tensor | None,
+                 kv: Callable | None = None, plan: RegionPlan | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One cross-attention block of the space-expert layer, as a correction of its output.
 
@@ -409,19 +501,24 @@ def block_update(n_out: torch.Tensor, hidden: torch.Tensor, base_ctx: torch.Tens
     paint-with-words bias). Returns (new n_out, phrase maps (b, G, N) if captured,
     expert coverage (E,) fractions or None).
 
+    Optional, for speed, same result: ``kv(tag, ctx) -> (to_k(ctx), to_v(ctx))`` (tag "base" or the expert
+    index; e.g. a ``ProjectionCache`` lookup, so fixed prompts are projected once per run) and ``plan``, the
+    ``RegionPlan`` of region_masks shared by the blocks of one resolution.
+
     The correction is additive: n_out + to_out(mixed) - to_out(base), so whatever other patches
     did to n_out stays. Rows not in ``rows`` are untouched; with nothing to mix or bias the input
-    is returned as is.
+    is returned as is. All conditioning experts attend in one batched attention call.
     """
-    mixing = (region_masks is not None and len(expert_ctx) > 0 and any(int(r) >= 0 for r in route)
-              and bool(region_masks.any()))
-    biasing = region_masks is not None and pww_weight != 0 and bool(region_masks.any())
+    if plan is None:
+        plan = RegionPlan(region_masks, route, len(expert_ctx))
+    mixing = plan.mixing
+    biasing = plan.any and pww_weight != 0
     if not (capture or mixing or biasing) or rows.numel() == 0:
         return n_out, None, None
+    project = kv if kv is not None else (lambda tag, c: (to_k(c), to_v(c)))
     h = hidden[rows]
     q = to_q(h)
-    ctx = base_ctx[rows]
-    k, v = to_k(ctx), to_v(ctx)
+    k, v = project("base", base_ctx[rows])
     maps = None
     if capture or biasing:
         logits = attention_logits(q, k, heads)
@@ -430,7 +527,8 @@ def block_update(n_out: torch.Tensor, hidden: torch.Tensor, base_ctx: torch.Tens
             maps = phrase_maps(probs, groups)
         base = attend(probs, v, heads).to(q.dtype)
         if biasing:
-            biased = pww_bias(logits, region_masks, groups, pww_weight, 0.0 if sigma is None else sigma)
+            A = plan.tokens("base", region_masks, groups, logits.shape[-1], logits.dtype, logits.device)
+            biased = pww_bias(logits, region_masks, groups, pww_weight, 0.0 if sigma is None else sigma, tokens=A)
             background = attend(biased.softmax(dim=-1), v, heads).to(q.dtype)
         else:
             background = base
@@ -440,26 +538,25 @@ def block_update(n_out: torch.Tensor, hidden: torch.Tensor, base_ctx: torch.Tens
     coverage = None
     target = background
     if mixing:
-        em = expert_masks(region_masks, route, len(expert_ctx))  # (E, b, N)
-        if not bool(em.any()):
+        if not plan.painted:
             return n_out if target is base else _apply_delta(n_out, rows, to_out, target, base), maps, None
-        outs = []
-        for e, ectx in enumerate(expert_ctx):
-            if not bool(em[e].any()):
-                outs.append(None)
-                continue
-            ec = ectx.to(device=q.device, dtype=q.dtype).expand(q.shape[0], -1, -1)
-            if biasing:
-                # paint-with-words inside the expert's own attention: its region pulls on the expert
-                # prompt's tokens (every position after BOS), so the weight acts where experts paint
-                el = attention_logits(q, to_k(ec), heads)
-                el = pww_bias(el, em[e].unsqueeze(1), [range(1, ec.shape[1])], pww_weight,
-                              0.0 if sigma is None else sigma)
-                outs.append(attend(el.softmax(dim=-1), to_v(ec), heads).to(q.dtype))
-            else:
-                outs.append(sdpa(q, to_k(ec), to_v(ec), heads))
-        target = mix_regions(background, outs, em)
-        coverage = em.float().mean(dim=(1, 2))
+        kvs = [project(e, expert_ctx[e].to(device=q.device, dtype=q.dtype).expand(q.shape[0], -1, -1))
+               for e in plan.active]
+        if biasing:
+            # paint-with-words inside the expert's own attention: its region pulls on the expert
+            # prompt's tokens (every position after BOS), so the weight acts where experts paint
+            outs = []
+            for e, (ek, ev) in zip(plan.active, kvs):
+                el = attention_logits(q, ek, heads)
+                T, region = el.shape[-1], plan.em[e].unsqueeze(1)
+                A = plan.tokens(("expert", e), region, [range(1, T)], T, el.dtype, el.device)
+                el = pww_bias(el, region, [range(1, T)], pww_weight, 0.0 if sigma is None else sigma, tokens=A)
+                outs.append(attend(el.softmax(dim=-1), ev, heads).to(q.dtype))
+            outs = torch.stack(outs)
+        else:
+            outs = expert_attention(q, kvs, heads)
+        target = mix_planned(background, outs, plan)
+        coverage = plan.coverage
     if target is base:
         return n_out, maps, coverage
     return _apply_delta(n_out, rows, to_out, target, base), maps, coverage

@@ -291,6 +291,56 @@ def set_lr(opt, lr: float, step: int, total: int, warmup: int, schedule: str = "
         g["lr"] = lr * f
 
 
+class EmaWeights:
+    """A phase's trainable parameters (by their names in the checkpoint) and their exponential moving average:
+    resumed from and saved to one checkpoint phase (the parameters under their names, the average under
+    ``ema.<name>``); ``ship()`` writes the average into the model (what the Mini file ships). ``logger``: the
+    trainer's own."""
+
+    def __init__(self, named: dict[str, torch.nn.Parameter], logger: logging.Logger = log):
+        self.named, self.log = named, logger
+        self.ema = {k: p.detach().clone() for k, p in named.items()}
+
+    def resume(self, ckpt: Checkpoint, phase: str, opt, curve: list) -> tuple[int, float]:
+        """(the step to start from, the seconds already spent): (0, 0.0) without a checkpoint of the phase;
+        ``curve`` gets the saved loss curve."""
+        got = ckpt.load(phase, opt)
+        if not got:
+            return 0, 0.0
+        info, tensors = got
+        with torch.no_grad():
+            for k, p in self.named.items():
+                p.copy_(tensors[k])
+                self.ema[k] = tensors["ema." + k].clone()
+        curve[:] = info.get("curve", [])
+        self.log.info("%s: resumed at step %d", phase, info["step"])
+        return info["step"], info.get("seconds", 0.0)
+
+    def update(self, step: int) -> None:
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, p in self.named.items():
+                self.ema[k].lerp_(p.detach(), 1 - decay)
+
+    def checkpoint(self, ckpt: Checkpoint | None, phase: str, done: int, every: int, total: int, opt,
+                   curve: list, t0: float) -> bool:
+        """Save every ``every`` steps, at the last step and when a STOP file is in the checkpoint folder;
+        True when it was (the caller stops there)."""
+        stop = ckpt is not None and (ckpt.folder / "STOP").exists()
+        if ckpt and (done % every == 0 or done == total or stop):
+            ckpt.save(phase, done, {**self.named, **{"ema." + k: v for k, v in self.ema.items()}}, opt,
+                      {"curve": curve, "seconds": time.time() - t0})
+        if stop:
+            self.log.info("%s: STOP file found; stopping at step %d", phase, done)
+        return stop
+
+    def ship(self) -> None:
+        with torch.no_grad():
+            for k, p in self.named.items():
+                p.requires_grad_(False)
+                p.copy_(self.ema[k])
+
+
 # ------------------------------------------------------------------------------------------
 # phase 1: VAE
 
@@ -535,19 +585,8 @@ def train_unet(base, cond_model, family: str, px: int, x0_all, toks, empty, seed
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
-    ema = {k: p.detach().clone() for k, p in named.items()}
-    start, prev = 0, 0.0
-    if resume and ckpt:
-        got = ckpt.load("unet", opt)
-        if got:
-            info, tensors = got
-            with torch.no_grad():
-                for k, p in named.items():
-                    p.copy_(tensors[k])
-                    ema[k] = tensors["ema." + k].clone()
-            start, curve[:] = info["step"], info.get("curve", [])
-            prev = info.get("seconds", 0.0)
-            log.info("unet: resumed at step %d", start)
+    ema = EmaWeights(named)
+    start, prev = ema.resume(ckpt, "unet", opt, curve) if resume and ckpt else (0, 0.0)
     n = x0_all.shape[0]
     t0 = time.time() - prev
     bar = tqdm(range(start, steps), desc=f"unet {family}", initial=start, total=steps, mininterval=10)
@@ -568,10 +607,7 @@ def train_unet(base, cond_model, family: str, px: int, x0_all, toks, empty, seed
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, p in named.items():
-                ema[k].lerp_(p.detach(), 1 - decay)
+        ema.update(step)
         avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
         bar.set_postfix(loss=f"{avg:.4f}")
         if (step + 1) % log_every == 0:
@@ -579,17 +615,9 @@ def train_unet(base, cond_model, family: str, px: int, x0_all, toks, empty, seed
             if log_every > 1:
                 log.info("unet step %d loss %.4f", step + 1, avg)
         done = step + 1
-        stop = ckpt is not None and (ckpt.folder / "STOP").exists()
-        if ckpt and (done % every == 0 or done == steps or stop):
-            tensors = {**{k: p for k, p in named.items()}, **{"ema." + k: v for k, v in ema.items()}}
-            ckpt.save("unet", done, tensors, opt, {"curve": curve, "seconds": time.time() - t0})
-        if stop:
-            log.info("unet: STOP file found; stopping at step %d", done)
+        if ema.checkpoint(ckpt, "unet", done, every, steps, opt, curve, t0):
             break
-    with torch.no_grad():  # ship the EMA weights
-        for k, p in named.items():
-            p.requires_grad_(False)
-            p.copy_(ema[k])
+    ema.ship()
     return {"loss": avg, "steps": done, "seconds": time.time() - t0}
 
 

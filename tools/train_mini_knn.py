@@ -203,18 +203,8 @@ def train_unet(base, cond_model, x0_all, emb_all, toks, empty, seed, steps, batc
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=UNET_LR, betas=(0.9, 0.99), weight_decay=0.01)
-    ema = {k: p.detach().clone() for k, p in named.items()}
-    start, prev = 0, 0.0
-    if resume and ckpt:
-        got = ckpt.load("unet", opt)
-        if got:
-            info, tensors = got
-            with torch.no_grad():
-                for k, p in named.items():
-                    p.copy_(tensors[k])
-                    ema[k] = tensors["ema." + k].clone()
-            start, curve[:], prev = info["step"], info.get("curve", []), info.get("seconds", 0.0)
-            log.info("unet: resumed at step %d", start)
+    ema = tm.EmaWeights(named, log)
+    start, prev = ema.resume(ckpt, "unet", opt, curve) if resume and ckpt else (0, 0.0)
     ms, aug = base.model_sampling, base.noise_augmentor
     n = x0_all.shape[0]
     t0 = time.time() - prev
@@ -244,26 +234,15 @@ def train_unet(base, cond_model, x0_all, emb_all, toks, empty, seed, steps, batc
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(tm.EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, p in named.items():
-                ema[k].lerp_(p.detach(), 1 - decay)
+        ema.update(step)
         avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
         done = step + 1
         if done % 50 == 0:
             curve.append([done, round(avg, 5)])
             log.info("unet step %d loss %.4f", done, avg)
-        stop = ckpt is not None and (ckpt.folder / "STOP").exists()
-        if ckpt and (done % every == 0 or done == steps or stop):
-            ckpt.save("unet", done, {**named, **{"ema." + k: v for k, v in ema.items()}}, opt,
-                      {"curve": curve, "seconds": time.time() - t0})
-        if stop:
-            log.info("unet: STOP file found; stopping at step %d", done)
+        if ema.checkpoint(ckpt, "unet", done, every, steps, opt, curve, t0):
             break
-    with torch.no_grad():
-        for k, p in named.items():
-            p.requires_grad_(False)
-            p.copy_(ema[k])
+    ema.ship()
     return {"loss": avg if avg is not None else (curve[-1][1] if curve else None), "steps": done,
             "seconds": time.time() - t0}
 
