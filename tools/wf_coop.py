@@ -1,14 +1,10 @@
 """Example workflows for the Coop bridge (PanGu-Draw Coop-Diffusion)."""
 
-SD15 = "v1-5-pruned-emaonly.safetensors"
-SDXL = "sd_xl_base_1.0.safetensors"
+from wf_basic import SD15, SDXL, checkpoint_prompts
+from wf_dit import FLUX_DEV, flux_loaders
+from wf_time_experts import struct_texture
 
-
-def _model(g, ckpt, prompt, title):
-    ck = g.node("CheckpointLoaderSimple", title=title, ckpt_name=ckpt)
-    pos = g.node("CLIPTextEncode", title=f"{title}: positive", text=prompt, clip=ck[1])
-    neg = g.node("CLIPTextEncode", title=f"{title}: negative", text="blurry, low quality", clip=ck[1])
-    return ck, pos, neg
+PROMPT = "a red circle left of a blue square, flat colours"
 
 
 def coop_sd15_sdxl_fused(g):
@@ -17,8 +13,8 @@ def coop_sd15_sdxl_fused(g):
            "encoded with SDXL's VAE, turned into an SDXL-space noise prediction and fused: "
            "eps = d*eps_SDXL + (1-d)*eps_SD15. fusion_d = 1 is plain SDXL. bridge_every = 2 halves the cost of B. "
            "The guider variant (AtelierCoopGuider) plugs into SamplerCustomAdvanced the same way.")
-    a, pa, na = _model(g, SDXL, "a red circle left of a blue square, flat colours", "SDXL (A)")
-    b, pb, nb = _model(g, SD15, "a red circle left of a blue square, flat colours", "SD1.5 (B)")
+    a, pa, na = checkpoint_prompts(g, SDXL, "SDXL (A)", PROMPT)
+    b, pb, nb = checkpoint_prompts(g, SD15, "SD1.5 (B)", PROMPT)
     lat = g.node("EmptyLatentImage", width=1024, height=1024, batch_size=1)
     ks = g.node("AtelierCoopSampler", model_a=a[0], vae_a=a[2], positive_a=pa[0], negative_a=na[0], cfg_a=7.0,
                 model_b=b[0], vae_b=b[2], positive_b=pb[0], negative_b=nb[0], cfg_b=7.0, fusion_d=0.6,
@@ -33,8 +29,8 @@ def coop_sd15_to_sdxl_upscale(g):
            "its clean estimate is decoded, upscaled x2 in pixel space, encoded with SDXL's VAE and re-noised to the "
            "same level with fresh white noise; SDXL finishes at 1024 px. Compare with a latent upscale + second "
            "KSampler (hires fix), whose bilinear-upscaled noise is correlated.")
-    lo, plo, nlo = _model(g, SD15, "a red circle left of a blue square, flat colours", "SD1.5 (low res)")
-    hi, phi, nhi = _model(g, SDXL, "a red circle left of a blue square, flat colours", "SDXL (high res)")
+    lo, plo, nlo = checkpoint_prompts(g, SD15, "SD1.5 (low res)", PROMPT)
+    hi, phi, nhi = checkpoint_prompts(g, SDXL, "SDXL (high res)", PROMPT)
     lat = g.node("EmptyLatentImage", width=512, height=512, batch_size=1)
     rb = g.node("AtelierResolutionBridgeSampler", model_low=lo[0], vae_low=lo[2], positive_low=plo[0],
                 negative_low=nlo[0], model_high=hi[0], vae_high=hi[2], positive_high=phi[0], negative_high=nhi[0],
@@ -49,7 +45,7 @@ def coop_noise_aware_hires(g):
            "Atelier's upscaler estimates the clean image at that level, upscales it x2 in pixel space and re-noises "
            "it with fresh white noise; a second KSamplerAdvanced continues from step 4 with add_noise disabled. "
            "Keep steps/sampler/scheduler/end_at_step equal across the three nodes.")
-    ck, pos, neg = _model(g, SD15, "a red circle left of a blue square, flat colours", "SD1.5")
+    ck, pos, neg = checkpoint_prompts(g, SD15, "SD1.5", PROMPT)
     lat = g.node("EmptyLatentImage", width=512, height=512, batch_size=1)
     common = {"model": ck[0], "noise_seed": 42, "steps": 8, "cfg": 7.0, "sampler_name": "euler",
               "scheduler": "normal", "positive": pos[0], "negative": neg[0]}
@@ -65,11 +61,6 @@ def coop_noise_aware_hires(g):
 
 
 # ---------------------------------------------------------------- across UNet and flow/DiT families (issue 18)
-FLUX_DEV = "flux1-dev.safetensors"
-CLIP_L = "clip_l.safetensors"
-T5XXL = "t5xxl_fp16.safetensors"
-FLUX_VAE = "ae.safetensors"
-PROMPT = "a red circle left of a blue square, flat colours"
 TINY = ("With `python tools/atelier.py run --tiny` (or --mini) every loader is replaced by Atelier's tiny seeded "
         "model of its family and the latents by their tiny sizes, so the graph runs without weights.")
 VRAM = ("VRAM: Flux dev (12 B parameters, ~24 GB in bf16, ~12 GB in fp8) and SDXL (~7 GB) are loaded by ComfyUI's "
@@ -78,9 +69,7 @@ VRAM = ("VRAM: Flux dev (12 B parameters, ~24 GB in bf16, ~12 GB in fp8) and SDX
 
 
 def _flux(g, prompt, title="Flux (structure)", guidance=3.5):
-    model = g.node("UNETLoader", title=f"{title}: model", unet_name=FLUX_DEV, weight_dtype="default")
-    clip = g.node("DualCLIPLoader", title=f"{title}: text encoders", clip_name1=CLIP_L, clip_name2=T5XXL, type="flux")
-    vae = g.node("VAELoader", title=f"{title}: VAE", vae_name=FLUX_VAE)
+    model, clip, vae = flux_loaders(g, FLUX_DEV, (f"{title}: model", f"{title}: text encoders", f"{title}: VAE"))
     pos = g.node("CLIPTextEncode", title=f"{title}: prompt", text=prompt, clip=clip[0])
     guided = g.node("FluxGuidance", conditioning=pos[0], guidance=guidance)
     neg = g.node("CLIPTextEncode", title=f"{title}: negative (unused at cfg 1)", text="", clip=clip[0])
@@ -95,15 +84,11 @@ def coop_flux_to_sdxl(g):
            "(an SDXL sigma of 0.5 / (1 − 0.5) = 1.0); SDXL, e.g. a finetune with its LoRAs, adds texture on its own "
            "schedule from there. Flux runs at cfg 1 with Flux Guidance, SDXL at texture_cfg 6. " + VRAM + " " + TINY)
     fm, fv, fpos, fneg = _flux(g, PROMPT)
-    x, xpos, xneg = _model(g, SDXL, PROMPT, "SDXL (texture)")
+    x, xpos, xneg = checkpoint_prompts(g, SDXL, "SDXL (texture)", PROMPT)
     lat = g.node("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
-    st = g.node("AtelierStructTextureSampler", structure_model=fm[0], structure_positive=fpos[0],
-                structure_negative=fneg[0], texture_model=x[0], texture_positive=xpos[0], texture_negative=xneg[0],
-                latent_image=lat[0], seed=42, steps=12, cfg=1.0, sampler_name="euler", scheduler="simple",
-                t_struct=500, denoise=1.0, structure_vae=fv[0], texture_vae=x[2], texture_scale=1.0, texture_cfg=6.0)
-    img = g.node("VAEDecode", samples=st[0], vae=x[2])
-    g.node("SaveImage", images=img[0], filename_prefix="atelier_coop_flux_to_sdxl")
-    g.node("AtelierDrawRoutes", routes=st[1], samples=st[0], height=96, column_width=12)
+    struct_texture(g, (fm[0], fpos[0], fneg[0]), (x[0], xpos[0], xneg[0]), lat[0], x[2], "atelier_coop_flux_to_sdxl",
+                   seed=42, steps=12, cfg=1.0, sampler_name="euler", scheduler="simple", t_struct=500, denoise=1.0,
+                   structure_vae=fv[0], texture_vae=x[2], texture_scale=1.0, texture_cfg=6.0)
 
 
 def coop_sdxl_to_flux(g):
@@ -111,16 +96,12 @@ def coop_sdxl_to_flux(g):
            "own schedule; the bridge hands its clean estimate to Flux through both VAEs with fresh 16-channel noise "
            "at the flow sigma of the same noise-to-signal ratio (SDXL sigma s → Flux sigma s / (1 + s)), and Flux dev "
            "finishes at cfg 1 with Flux Guidance (texture_cfg 1). " + VRAM + " " + TINY)
-    x, xpos, xneg = _model(g, SDXL, PROMPT, "SDXL (structure)")
+    x, xpos, xneg = checkpoint_prompts(g, SDXL, "SDXL (structure)", PROMPT)
     fm, fv, fpos, fneg = _flux(g, PROMPT, "Flux (texture)")
     lat = g.node("EmptyLatentImage", width=1024, height=1024, batch_size=1)
-    st = g.node("AtelierStructTextureSampler", structure_model=x[0], structure_positive=xpos[0],
-                structure_negative=xneg[0], texture_model=fm[0], texture_positive=fpos[0], texture_negative=fneg[0],
-                latent_image=lat[0], seed=42, steps=12, cfg=6.0, sampler_name="euler", scheduler="normal",
-                t_struct=500, denoise=1.0, structure_vae=x[2], texture_vae=fv[0], texture_scale=1.0, texture_cfg=1.0)
-    img = g.node("VAEDecode", samples=st[0], vae=fv[0])
-    g.node("SaveImage", images=img[0], filename_prefix="atelier_coop_sdxl_to_flux")
-    g.node("AtelierDrawRoutes", routes=st[1], samples=st[0], height=96, column_width=12)
+    struct_texture(g, (x[0], xpos[0], xneg[0]), (fm[0], fpos[0], fneg[0]), lat[0], fv[0], "atelier_coop_sdxl_to_flux",
+                   seed=42, steps=12, cfg=6.0, sampler_name="euler", scheduler="normal", t_struct=500, denoise=1.0,
+                   structure_vae=x[2], texture_vae=fv[0], texture_scale=1.0, texture_cfg=1.0)
 
 
 def coop_flux_noise_aware_hires(g):

@@ -10,6 +10,7 @@ as users build them in ComfyUI, with the files named as they are published (READ
 ``python tools/atelier.py run --tiny`` (or ``--mini``, ``ATELIER_TINY_MODELS``) puts the tiny models of the
 family the file names tell in place of each loader (models/tiny_substitution.py).
 """
+from wf_basic import NEGATIVE, ksample
 
 FLUX_DEV = "flux1-dev.safetensors"
 FLUX_SCHNELL = "flux1-schnell.safetensors"
@@ -27,12 +28,20 @@ TINY_NOTE = ("With `python tools/atelier.py run --tiny` (or --mini, or a server 
              "{size} px latent by its tiny size, so it runs without weights (noise-like pictures).")
 
 
-def _flux_loaders(g, unet):
-    model = g.node("UNETLoader", title="Load Diffusion Model", unet_name=unet, weight_dtype="default")
-    clip = g.node("DualCLIPLoader", title="Text encoders (CLIP-L + T5-XXL)", clip_name1=CLIP_L, clip_name2=T5XXL,
-                  type="flux")
-    vae = g.node("VAELoader", title="Flux VAE", vae_name=FLUX_VAE)
+def flux_loaders(g, unet=FLUX_DEV, titles=("Load Diffusion Model", "Text encoders (CLIP-L + T5-XXL)", "Flux VAE")):
+    """Flux.1's loader trio as ComfyUI's example builds it: (UNETLoader, DualCLIPLoader type flux, VAELoader),
+    titled ``titles``."""
+    model = g.node("UNETLoader", title=titles[0], unet_name=unet, weight_dtype="default")
+    clip = g.node("DualCLIPLoader", title=titles[1], clip_name1=CLIP_L, clip_name2=T5XXL, type="flux")
+    vae = g.node("VAELoader", title=titles[2], vae_name=FLUX_VAE)
     return model, clip, vae
+
+
+def _prompts(g, clip, positive="Positive", negative="Negative", negative_text=NEGATIVE):
+    """The positive (PROMPT) and negative text encodes on ``clip`` (an output), titled."""
+    pos = g.node("CLIPTextEncode", title=positive, text=PROMPT, clip=clip)
+    neg = g.node("CLIPTextEncode", title=negative, text=negative_text, clip=clip)
+    return pos, neg
 
 
 def flux_dev_txt2img(g):
@@ -41,7 +50,7 @@ def flux_dev_txt2img(g):
            "guidance-distilled: FluxGuidance sets the guidance the model reads (no CFG, one model call per step); "
            "ModelSamplingFlux shifts the flow schedule for the image size. "
            + TINY_NOTE.format(family="Flux", size=1024))
-    model, clip, vae = _flux_loaders(g, FLUX_DEV)
+    model, clip, vae = flux_loaders(g, FLUX_DEV)
     sampling = g.node("ModelSamplingFlux", model=model[0], max_shift=1.15, base_shift=0.5, width=1024, height=1024)
     pos = g.node("CLIPTextEncode", title="Prompt", text=PROMPT, clip=clip[0])
     guided = g.node("FluxGuidance", conditioning=pos[0], guidance=3.5)
@@ -60,14 +69,11 @@ def flux_schnell_txt2img(g):
     g.note(f"Flux.1 schnell text-to-image: {FLUX_SCHNELL} in models/diffusion_models/, the text encoders and VAE "
            f"of Flux dev ({CLIP_L}, {T5XXL}, {FLUX_VAE}). Schnell is step-distilled: 4 steps, cfg 1 (the negative "
            "prompt is then unused). " + TINY_NOTE.format(family="Flux schnell", size=1024))
-    model, clip, vae = _flux_loaders(g, FLUX_SCHNELL)
-    pos = g.node("CLIPTextEncode", title="Prompt", text=PROMPT, clip=clip[0])
-    neg = g.node("CLIPTextEncode", title="Negative (unused at cfg 1)", text="", clip=clip[0])
+    model, clip, vae = flux_loaders(g, FLUX_SCHNELL)
+    pos, neg = _prompts(g, clip[0], "Prompt", "Negative (unused at cfg 1)", "")
     latent = g.node("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
-    ks = g.node("KSampler", model=model[0], positive=pos[0], negative=neg[0], latent_image=latent[0],
-                seed=42, steps=4, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
-    img = g.node("VAEDecode", samples=ks[0], vae=vae[0])
-    g.node("SaveImage", images=img[0], filename_prefix="atelier_flux_schnell_txt2img")
+    ksample(g, model[0], pos[0], neg[0], latent[0], vae[0], "atelier_flux_schnell_txt2img", steps=4, cfg=1.0,
+            scheduler="simple")
 
 
 def sd35_txt2img(g):
@@ -79,13 +85,9 @@ def sd35_txt2img(g):
     clip = g.node("TripleCLIPLoader", title="Text encoders (CLIP-L, CLIP-G, T5-XXL)", clip_name1=CLIP_L,
                   clip_name2=CLIP_G, clip_name3=T5XXL)
     sampling = g.node("ModelSamplingSD3", model=ck[0], shift=3.0)
-    pos = g.node("CLIPTextEncode", title="Positive", text=PROMPT, clip=clip[0])
-    neg = g.node("CLIPTextEncode", title="Negative", text="blurry, low quality", clip=clip[0])
+    pos, neg = _prompts(g, clip[0])
     latent = g.node("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
-    ks = g.node("KSampler", model=sampling[0], positive=pos[0], negative=neg[0], latent_image=latent[0],
-                seed=42, steps=20, cfg=4.5, sampler_name="euler", scheduler="sgm_uniform", denoise=1.0)
-    img = g.node("VAEDecode", samples=ks[0], vae=ck[2])
-    g.node("SaveImage", images=img[0], filename_prefix="atelier_sd35_txt2img")
+    ksample(g, sampling[0], pos[0], neg[0], latent[0], ck[2], "atelier_sd35_txt2img", cfg=4.5, scheduler="sgm_uniform")
 
 
 def pixart_sigma_txt2img(g):
@@ -95,13 +97,9 @@ def pixart_sigma_txt2img(g):
     model = g.node("UNETLoader", title="Load Diffusion Model", unet_name=PIXART, weight_dtype="default")
     clip = g.node("CLIPLoader", title="Text encoder (T5-XXL)", clip_name=T5XXL, type="pixart")
     vae = g.node("VAELoader", title="SDXL VAE", vae_name=SDXL_VAE)
-    pos = g.node("CLIPTextEncode", title="Positive", text=PROMPT, clip=clip[0])
-    neg = g.node("CLIPTextEncode", title="Negative", text="blurry, low quality", clip=clip[0])
+    pos, neg = _prompts(g, clip[0])
     latent = g.node("EmptyLatentImage", width=1024, height=1024, batch_size=1)
-    ks = g.node("KSampler", model=model[0], positive=pos[0], negative=neg[0], latent_image=latent[0],
-                seed=42, steps=20, cfg=4.5, sampler_name="euler", scheduler="normal", denoise=1.0)
-    img = g.node("VAEDecode", samples=ks[0], vae=vae[0])
-    g.node("SaveImage", images=img[0], filename_prefix="atelier_pixart_sigma_txt2img")
+    ksample(g, model[0], pos[0], neg[0], latent[0], vae[0], "atelier_pixart_sigma_txt2img", cfg=4.5)
 
 
 WORKFLOWS = {

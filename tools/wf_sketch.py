@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from wf_basic import txt2img
+from wf_basic import ksample, txt2img
 
 # "2": predictors trained since the fast form carry its denoised-latent head; an older sd15_sketch_lep file
 # (paper form only) is left alone and a fresh one is trained on first run.
@@ -24,17 +24,14 @@ def _star_strokes(size=512):
                        "strokes": [{"mode": "draw", "size": 6, "points": pts}]})
 
 
-def _train(g, ck, steps=100):
-    return g.node("AtelierTrainLEP", title="Train LEP (loads it when already trained)", model=ck[0], clip=ck[1],
-                  vae=ck[2], folder=".", name=LEP_NAME, steps=steps, batch_size=4, learning_rate=1e-4,
-                  resolution=0, edge_method="canny", seed=0, resume=True, save_every=100)
+def _train(g, ck, steps=100, title="Train LEP (loads it when already trained)"):
+    return g.node("AtelierTrainLEP", title=title, model=ck[0], clip=ck[1], vae=ck[2], folder=".", name=LEP_NAME,
+                  steps=steps, batch_size=4, learning_rate=1e-4, resolution=0, edge_method="canny", seed=0,
+                  resume=True, save_every=100)
 
 
 def _sample(g, model, pos, neg, lat, vae, prefix):
-    ks = g.node("KSampler", model=model, positive=pos[0], negative=neg[0], latent_image=lat[0], seed=7, steps=20,
-                cfg=8.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    img = g.node("VAEDecode", samples=ks[0], vae=vae)
-    g.node("SaveImage", images=img[0], filename_prefix=prefix)
+    ksample(g, model, pos[0], neg[0], lat[0], vae, prefix, seed=7, steps=20, cfg=8.0)
 
 
 def sketch_canvas(g):
@@ -76,9 +73,7 @@ def lep_training(g):
            "Set steps 3000 and batch 16 for the paper's setting (100 x 4 here keeps the demo short). The guided "
            "image at the end checks the result.")
     ck, pos, neg, lat = txt2img(g, prompt="a green triangle")
-    lep = g.node("AtelierTrainLEP", title="Train LEP", model=ck[0], clip=ck[1], vae=ck[2], folder=".",
-                 name=LEP_NAME, steps=100, batch_size=4, learning_rate=1e-4, resolution=0, edge_method="canny",
-                 seed=0, resume=True, save_every=100)
+    lep = _train(g, ck, title="Train LEP")
     src = g.node("LoadImage", image="example.png")
     edges = g.node("AtelierImageToEdges", image=src[0], method="sobel", low=6.0, high=10.0)
     guided = g.node("AtelierSketchGuidance", model=ck[0], lep=lep[0], vae=ck[2], sketch=edges[0], beta=1.6,

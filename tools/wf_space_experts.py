@@ -1,12 +1,13 @@
 """Example workflow sources: space experts (RAPHAEL Space-MoE), paint-with-words (eDiff-I), MoE sampler."""
 
-SD15 = "v1-5-pruned-emaonly.safetensors"
+from wf_basic import NEGATIVE, SD15, ksample
+
 PROMPT = "a red circle and a blue square on a wooden table"
 
 
 def _base(g, prompt=PROMPT):
     ck = g.node("CheckpointLoaderSimple", ckpt_name=SD15)
-    neg = g.node("CLIPTextEncode", title="Negative", text="blurry, low quality", clip=ck[1])
+    neg = g.node("CLIPTextEncode", title="Negative", text=NEGATIVE, clip=ck[1])
     lat = g.node("EmptyLatentImage", width=512, height=512, batch_size=1)
     return ck, neg, lat
 
@@ -32,10 +33,7 @@ def space_experts_attention(g):
     sp = g.node("AtelierSpaceExperts", model=ck[0], clip=ck[1], prompt=PROMPT,
                 phrases="red circle, blue square", experts=bank[0], alpha=0.2, routing="gate", gate_noise=0.0,
                 seed=0, mask_start_t=500, capture="mid-resolution", pww_weight=0.0)
-    ks = g.node("KSampler", model=sp[0], positive=sp[1], negative=neg[0], latent_image=lat[0],
-                seed=42, steps=20, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    img = g.node("VAEDecode", samples=ks[0], vae=ck[2])
-    g.node("SaveImage", images=img[0], filename_prefix="atelier_space_experts")
+    ksample(g, sp[0], sp[1], neg[0], lat[0], ck[2], "atelier_space_experts")
 
 
 def paint_with_words(g):
@@ -56,10 +54,7 @@ def paint_with_words(g):
     pww = g.node("AtelierPaintWithWords", model=ck[0], clip=ck[1], prompt="a red circle and a blue square",
                  regions=regions[0], weight=1.0, experts=bank[0], alpha=0.2, routing="in order", gate_noise=0.0,
                  seed=0)
-    ks = g.node("KSampler", model=pww[0], positive=pww[1], negative=neg[0], latent_image=lat[0],
-                seed=42, steps=20, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    img = g.node("VAEDecode", samples=ks[0], vae=ck[2])
-    g.node("SaveImage", images=img[0], filename_prefix="atelier_paint_with_words")
+    ksample(g, pww[0], pww[1], neg[0], lat[0], ck[2], "atelier_paint_with_words")
 
 
 def moe_sampler(g):

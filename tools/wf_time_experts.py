@@ -1,23 +1,34 @@
 """Example workflows for time experts (RAPHAEL Time-MoE, eDiff-I expert denoisers, PanGu-Draw)."""
 
-SD15 = "v1-5-pruned-emaonly.safetensors"
+from wf_basic import NEGATIVE, SD15, SDXL, checkpoint_prompts, ksample
+
 SD15_B = "dreamshaper_8.safetensors"
-SDXL = "sd_xl_base_1.0.safetensors"
 REFINER = "sd_xl_refiner_1.0.safetensors"
 PROMPT = "a red circle left of a blue square, flat colours"
 
 
 def _model(g, ckpt, title, refiner=False, size=1024):
+    if not refiner:
+        return checkpoint_prompts(g, ckpt, title, PROMPT)
     ck = g.node("CheckpointLoaderSimple", title=title, ckpt_name=ckpt)
-    if refiner:
-        pos = g.node("CLIPTextEncodeSDXLRefiner", title=f"{title}: positive", ascore=6.0, width=size, height=size,
-                     text=PROMPT, clip=ck[1])
-        neg = g.node("CLIPTextEncodeSDXLRefiner", title=f"{title}: negative", ascore=2.5, width=size, height=size,
-                     text="blurry, low quality", clip=ck[1])
-    else:
-        pos = g.node("CLIPTextEncode", title=f"{title}: positive", text=PROMPT, clip=ck[1])
-        neg = g.node("CLIPTextEncode", title=f"{title}: negative", text="blurry, low quality", clip=ck[1])
+    pos = g.node("CLIPTextEncodeSDXLRefiner", title=f"{title}: positive", ascore=6.0, width=size, height=size,
+                 text=PROMPT, clip=ck[1])
+    neg = g.node("CLIPTextEncodeSDXLRefiner", title=f"{title}: negative", ascore=2.5, width=size, height=size,
+                 text=NEGATIVE, clip=ck[1])
     return ck, pos, neg
+
+
+def struct_texture(g, structure, texture, latent, vae, prefix, **settings):
+    """Atelier Struct->Texture Sampler from the (model, positive, negative) outputs of the structure and the
+    texture model, then VAEDecode with ``vae``, SaveImage and Draw Routes of the run; ``settings``: the sampler's
+    other inputs."""
+    st = g.node("AtelierStructTextureSampler", structure_model=structure[0], structure_positive=structure[1],
+                structure_negative=structure[2], texture_model=texture[0], texture_positive=texture[1],
+                texture_negative=texture[2], latent_image=latent, **settings)
+    img = g.node("VAEDecode", samples=st[0], vae=vae)
+    g.node("SaveImage", images=img[0], filename_prefix=prefix)
+    g.node("AtelierDrawRoutes", routes=st[1], samples=st[0], height=96, column_width=12)
+    return st
 
 
 def time_experts_sd15(g):
@@ -30,10 +41,7 @@ def time_experts_sd15(g):
     b = g.node("CheckpointLoaderSimple", title="Expert 2 (low noise)", ckpt_name=SD15_B)
     te = g.node("AtelierTimeExperts", model_1=a[0], model_2=b[0], mode="timestep", boundaries="500")
     lat = g.node("EmptyLatentImage", width=512, height=512, batch_size=1)
-    ks = g.node("KSampler", model=te[0], positive=pos[0], negative=neg[0], latent_image=lat[0], seed=42, steps=12,
-                cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    img = g.node("VAEDecode", samples=ks[0], vae=a[2])
-    g.node("SaveImage", images=img[0], filename_prefix="atelier_time_experts")
+    ks, _ = ksample(g, te[0], pos[0], neg[0], lat[0], a[2], "atelier_time_experts", steps=12)
     g.node("AtelierDrawRoutes", routes=te[1], samples=ks[0], height=96, column_width=12)
 
 
@@ -45,13 +53,9 @@ def time_experts_sdxl_refiner(g):
     base, bpos, bneg = _model(g, SDXL, "SDXL base")
     ref, rpos, rneg = _model(g, REFINER, "SDXL refiner", refiner=True)
     lat = g.node("EmptyLatentImage", width=1024, height=1024, batch_size=1)
-    st = g.node("AtelierStructTextureSampler", structure_model=base[0], structure_positive=bpos[0],
-                structure_negative=bneg[0], texture_model=ref[0], texture_positive=rpos[0], texture_negative=rneg[0],
-                latent_image=lat[0], seed=42, steps=12, cfg=7.0, sampler_name="euler", scheduler="normal",
-                t_struct=200, denoise=1.0)
-    img = g.node("VAEDecode", samples=st[0], vae=base[2])
-    g.node("SaveImage", images=img[0], filename_prefix="atelier_sdxl_base_refiner")
-    g.node("AtelierDrawRoutes", routes=st[1], samples=st[0], height=96, column_width=12)
+    struct_texture(g, (base[0], bpos[0], bneg[0]), (ref[0], rpos[0], rneg[0]), lat[0], base[2],
+                   "atelier_sdxl_base_refiner", seed=42, steps=12, cfg=7.0, sampler_name="euler", scheduler="normal",
+                   t_struct=200, denoise=1.0)
 
 
 def time_experts_struct_texture(g):
@@ -62,13 +66,9 @@ def time_experts_struct_texture(g):
     s, spos, sneg = _model(g, SD15, "Structure (SD1.5)")
     t, tpos, tneg = _model(g, SDXL, "Texture (SDXL)")
     lat = g.node("EmptyLatentImage", width=512, height=512, batch_size=1)
-    st = g.node("AtelierStructTextureSampler", structure_model=s[0], structure_positive=spos[0],
-                structure_negative=sneg[0], texture_model=t[0], texture_positive=tpos[0], texture_negative=tneg[0],
-                structure_vae=s[2], texture_vae=t[2], texture_scale=2.0, latent_image=lat[0], seed=42, steps=12,
-                cfg=7.0, sampler_name="euler", scheduler="normal", t_struct=500, denoise=1.0)
-    img = g.node("VAEDecode", samples=st[0], vae=t[2])
-    g.node("SaveImage", images=img[0], filename_prefix="atelier_struct_texture")
-    g.node("AtelierDrawRoutes", routes=st[1], samples=st[0], height=96, column_width=12)
+    struct_texture(g, (s[0], spos[0], sneg[0]), (t[0], tpos[0], tneg[0]), lat[0], t[2], "atelier_struct_texture",
+                   structure_vae=s[2], texture_vae=t[2], texture_scale=2.0, seed=42, steps=12, cfg=7.0,
+                   sampler_name="euler", scheduler="normal", t_struct=500, denoise=1.0)
 
 
 WORKFLOWS = {
