@@ -103,6 +103,8 @@ def substitute_tiny(prompt: dict, mini: bool = False) -> dict:
             else:
                 node = {"class_type": "AtelierTinyUnCLIPCheckpointLoader", "inputs": {"seed": tiny_seed_for(name)},
                         "_meta": {"title": f"tiny stand-in for {name}"}}
+        elif node["class_type"] in IMAGE_ENCODER_LOADERS:
+            node = _image_encoder_stand_in(node, mini)
         elif node["class_type"] == "AtelierKNNOpenCLIPLoader":
             name = str(node["inputs"].get("clip_name", ""))
             if mini:
@@ -251,3 +253,36 @@ TINY_INDEX_SUFFIX = "_tiny"
 MINI_INDEX_SUFFIX = "_mini"
 TINY_INDEX_NAMES = {"AtelierKNNBuildIndex": ("index_name",), "AtelierKNNIndexLoader": ("database",),
                     "AtelierTrainLEP": ("name",)}
+
+
+# ----------------------------------------------------------------------------- image encoders (issue 18.4)
+# Load Style Model (flux1-redux-dev) becomes the tiny Flux Redux, Load CLIP Vision the tiny CLIP vision model of
+# the kind its file name tells: SigLIP (sigclip_vision_patch14_384, siglip-so400m: what Redux reads) or CLIP ViT
+# (clip_vision_h / ViT-L / ViT-H: the tiny unCLIP's). A CLIP vision file whose kind the name does not tell is left
+# for core validation to name. Mini ships no Redux or SigLIP: Mini mode uses the tiny ones and says so.
+IMAGE_ENCODER_LOADERS = {"StyleModelLoader": "style_model_name", "CLIPVisionLoader": "clip_name"}
+
+
+def vision_kind_from_name(name: str) -> str | None:
+    """'siglip' / 'clip' for a CLIP vision file name as users have them, or None."""
+    n = str(name).lower()
+    if "siglip" in n or "sigclip" in n:
+        return "siglip"
+    if re.search(r"clip[-_ ]?vision|vit[-_ ]?[lhg]|clip[-_ ]?vit", n):
+        return "clip"
+    return None
+
+
+def _image_encoder_stand_in(node: dict, mini: bool) -> dict:
+    ctype = node["class_type"]
+    name = str((node.get("inputs") or {}).get(IMAGE_ENCODER_LOADERS[ctype], ""))
+    title = f"tiny stand-in for {name}" + (" (Atelier Mini has none)" if mini else "")
+    if ctype == "StyleModelLoader":
+        return {"class_type": "AtelierTinyReduxLoader", "inputs": {"seed": tiny_seed_for(name)},
+                "_meta": {"title": title}}
+    kind = vision_kind_from_name(name)
+    if kind is None:
+        log.warning("[Atelier] tiny mode cannot tell which kind of CLIP vision model %s is; it is left as it is.", name)
+        return node
+    return {"class_type": "AtelierTinyCLIPVisionLoader", "inputs": {"kind": kind, "seed": tiny_seed_for(name)},
+            "_meta": {"title": title}}

@@ -172,9 +172,73 @@ def _state_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def vision_space(clip_vision) -> tuple[str, int]:
+    """(kind, width) of the hidden states a ComfyUI CLIP vision model gives: kind 'siglip' (no class token, every
+    token post-layernormed, as Flux Redux reads), 'clip' (CLIP ViT: class token first) or 'dinov2'."""
+    vm = getattr(clip_vision.model, "vision_model", None)
+    if vm is None:
+        return "dinov2", int(getattr(getattr(clip_vision.model, "config", None), "hidden_size", 0) or 0)
+    kind = "siglip" if getattr(vm.embeddings, "class_embedding", None) is None else "clip"
+    return kind, int(vm.post_layernorm.normalized_shape[0])
+
+
+def style_model_space(style_model) -> tuple[str, int, str] | None:
+    """(kind, width, label) of the CLIP vision hidden states a STYLE_MODEL reads (core StyleModel.get_cond passes
+    last_hidden_state): Flux Redux reads SigLIP states of its redux_dim, the SD1.5 T2I style adapter CLIP ViT-L
+    states of its width; None for a style model Atelier does not know."""
+    inner = getattr(style_model, "model", None)
+    up = getattr(inner, "redux_up", None)
+    if up is not None:
+        return "siglip", int(up.in_features), "Flux Redux"
+    emb = getattr(inner, "style_embedding", None)
+    if isinstance(emb, torch.Tensor):
+        return "clip", int(emb.shape[-1]), "the T2I style adapter"
+    return None
+
+
+VISION_FILES = {"siglip": "sigclip_vision_patch14_384.safetensors", "clip": "a CLIP ViT-L/14 vision model"}
+
+
+def check_style_space(style_model, clip_vision, input_name: str) -> None:
+    """Refuse, naming ``input_name``, a CLIP vision model whose hidden states are not in the space ``style_model``
+    reads (another kind of vision model, or another width). Width and kind are what the weights tell: two SigLIPs
+    of the same width are not told apart."""
+    reads = style_model_space(style_model)
+    if reads is None:
+        log.warning("Atelier kNN Retrieve: %s is a style model Atelier does not know; its input space is not "
+                    "checked.", type(getattr(style_model, "model", style_model)).__name__)
+        return
+    kind, width, label = reads
+    if clip_vision is None:
+        raise glue.fail(input_name, f"{label} reads the hidden states of a {kind} vision model ({width} wide), and "
+                        "this embedder has none (an open_clip embedder makes pooled embeddings only)",
+                        f"connect the CLIP vision model {label} was trained with to Retrieve's clip_vision input "
+                        f"(Load CLIP Vision: {VISION_FILES[kind]}); it re-encodes the neighbour images",
+                        cls=knn.KNNError)
+    got_kind, got_width = vision_space(clip_vision)
+    if (got_kind, got_width) != (kind, width):
+        raise glue.fail(input_name, f"this CLIP vision model makes {got_width}-wide {got_kind} hidden states, but "
+                        f"{label} reads {width}-wide {kind} ones: its image tokens would be meaningless (or a "
+                        "shape error inside Apply Style Model)",
+                        f"connect the CLIP vision model {label} was trained with (Load CLIP Vision: "
+                        f"{VISION_FILES[kind]})", cls=knn.KNNError)
+
+
+def _siglip_pooled(clip_vision, batch: torch.Tensor) -> torch.Tensor:
+    """A SigLIP image embedding: the mean of its post-layernorm tokens (ComfyUI loads no attention-pooling head)."""
+    return clip_vision.encode_image(batch, crop=True).last_hidden_state.mean(dim=1)
+
+
 def clip_vision_embedder(clip_vision) -> knn.CallableEmbedder:
-    """Wrap ComfyUI's ClipVisionModel: image embeddings only (it has no text tower)."""
+    """Wrap ComfyUI's ClipVisionModel: image embeddings only (it has no text tower). CLIP: its projected image
+    embedding; SigLIP (Flux Redux's image encoder): the mean of its last hidden states, as wide as them."""
     model = clip_vision.model
+    if getattr(model, "vision_model", None) is not None and vision_space(clip_vision)[0] == "siglip":
+        width = vision_space(clip_vision)[1]
+        emb = knn.CallableEmbedder(f"comfy_siglip_vision:{_state_fingerprint(model)}", width, clip_vision.image_size,
+                                   lambda batch: _siglip_pooled(clip_vision, batch), kind="comfy_siglip_vision")
+        emb.clip_vision = clip_vision
+        return emb
     proj = getattr(model, "visual_projection", None)
     dim = getattr(proj, "out_features", None)
     if dim is None:
@@ -534,6 +598,10 @@ class AtelierKNNRetrieve(io.ComfyNode):
                 io.Boolean.Input("allow_other_model", default=False, optional=True,
                                  tooltip="Query with a model other than the one the index was built with (same "
                                          "dimension). Only if you know both embed into the same space."),
+                io.StyleModel.Input("style_model", optional=True,
+                                    tooltip="Optional: the style model (Load Style Model, e.g. Flux Redux) that Apply "
+                                            "Style Model feeds this clip_vision_output to, to check now that the CLIP "
+                                            "vision model encoding the neighbours makes the hidden states it reads."),
             ],
             outputs=[
                 io.Image.Output("images", display_name="images", tooltip="The neighbours, best first."),
@@ -551,8 +619,12 @@ class AtelierKNNRetrieve(io.ComfyNode):
 
     @classmethod
     def execute(cls, index, embedder, text: str, k: int, combine: str, temperature: float, image_size: int,
-                image=None, clip_vision=None, allow_other_model: bool = False) -> io.NodeOutput:
+                image=None, clip_vision=None, allow_other_model: bool = False, style_model=None) -> io.NodeOutput:
         strict = not allow_other_model
+        if style_model is not None:  # before any work: the space the style model reads
+            check_style_space(style_model, clip_vision or getattr(embedder, "clip_vision", None),
+                              "clip_vision" if clip_vision is not None or getattr(embedder, "clip_vision", None) is None
+                              else "embedder")
         if image is not None:
             hits = index.query_image(embedder, image[:1], k, strict=strict)
         else:

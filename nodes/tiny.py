@@ -105,7 +105,66 @@ class AtelierKNNTinyOpenCLIPLoader(io.ComfyNode):
             tiny_family.TINY_OPEN_CLIP, seed, device=mm.text_encoder_device()))
 
 
-NODES = [AtelierTinyCheckpointLoader, AtelierTinyUnCLIPCheckpointLoader, AtelierKNNTinyOpenCLIPLoader]
+class AtelierTinyReduxLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierTinyReduxLoader",
+            display_name="Atelier Tiny Flux Redux (test)",
+            category="atelier/testing",
+            description=(
+                "The tiny stand-in for Load Style Model with flux1-redux-dev: ComfyUI's own Redux image encoder with "
+                "seeded random weights, reading the last hidden states of the tiny SigLIP (Atelier Tiny CLIP Vision, "
+                "siglip; 48 wide, as the real one reads SigLIP's 1152) and writing tokens of the tiny flux text width "
+                "(64, as the real one writes Flux's 4096), for core Apply Style Model. Tiny mode puts it in place of "
+                "Load Style Model. Same seed, same weights."
+            ),
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the random weights. Same seed, same weights."),
+            ],
+            outputs=[io.StyleModel.Output(tooltip="The tiny Redux style model, for Apply Style Model.")],
+        )
+
+    @classmethod
+    def execute(cls, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(tiny_family.load_style_model(tiny_family.redux_state_dict(seed)))
+
+
+TINY_VISION_KINDS = {"siglip": "TINY_SIGLIP", "clip": "TINY_CLIP_VISION"}
+
+
+class AtelierTinyCLIPVisionLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AtelierTinyCLIPVisionLoader",
+            display_name="Atelier Tiny CLIP Vision (test)",
+            category="atelier/testing",
+            description=(
+                "The tiny stand-in for Load CLIP Vision: a ComfyUI CLIP vision model with seeded random weights. "
+                "siglip: SigLIP-shaped (no class token, every token layer-normed, 48 wide, 16 tokens), what the tiny "
+                "Flux Redux reads, as sigclip_vision_patch14_384 for Flux Redux. clip: the tiny unCLIP's CLIP ViT "
+                "(32 wide, 32-d image embeddings), as clip_vision_h for SD2.1 unCLIP. Tiny mode puts it in place of "
+                "Load CLIP Vision."
+            ),
+            inputs=[
+                io.Combo.Input("kind", options=list(TINY_VISION_KINDS), default="siglip",
+                               tooltip="siglip: the image encoder of (tiny) Flux Redux. clip: the image encoder of "
+                                       "the tiny unCLIP model."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the random weights. Same seed, same weights."),
+            ],
+            outputs=[io.ClipVision.Output(tooltip="The tiny CLIP vision model.")],
+        )
+
+    @classmethod
+    def execute(cls, kind: str, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(tiny_family.build_clip_vision(seed, getattr(tiny_family, TINY_VISION_KINDS[kind])))
+
+
+NODES = [AtelierTinyCheckpointLoader, AtelierTinyUnCLIPCheckpointLoader, AtelierKNNTinyOpenCLIPLoader,
+         AtelierTinyReduxLoader, AtelierTinyCLIPVisionLoader]
 
 
 def _tiny_prompt_handler(json_data: dict) -> dict:

@@ -452,8 +452,8 @@ def build_unclip_model(seed: int):
                                             offload_device=mm.unet_offload_device())
 
 
-def build_clip_vision(seed: int):
-    """A ComfyUI ClipVisionModel (what Load CLIP Vision returns) of TINY_CLIP_VISION, seeded."""
+def build_clip_vision(seed: int, config: dict | None = None):
+    """A ComfyUI ClipVisionModel (what Load CLIP Vision returns) of ``config`` (TINY_CLIP_VISION), seeded."""
     import json
     import os
     import tempfile
@@ -463,7 +463,7 @@ def build_clip_vision(seed: int):
     fd, path = tempfile.mkstemp(suffix=".json", prefix="atelier_tiny_clip_vision_")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(TINY_CLIP_VISION, f)
+            json.dump(TINY_CLIP_VISION if config is None else config, f)
         cv = comfy.clip_vision.ClipVisionModel(path)
     finally:
         os.unlink(path)
@@ -474,3 +474,50 @@ def build_clip_vision(seed: int):
 def build_unclip_family(seed: int = 0):
     """(MODEL, CLIP, VAE, CLIP_VISION), the outputs of the core unCLIPCheckpointLoader."""
     return build_unclip_model(seed), build_clip("sd15", seed), build_vae("sd15", seed), build_clip_vision(seed)
+
+# ----------------------------------------------------------------------------- tiny Flux Redux (issue 18.4)
+# Flux Redux is a style model (Load Style Model -> STYLE_MODEL) over a SigLIP vision model (Load CLIP Vision,
+# sigclip_vision_patch14_384: 27 layers, width 1152, 384 px at patch 14 = 729 patch tokens, no class token,
+# post-layernorm on every token). core StyleModelApply passes the CLIP vision output's last_hidden_state to
+# ComfyUI's ReduxImageEncoder, which maps each token 1152 -> 3 x 4096 -> 4096 (SiLU) into Flux's T5 context
+# width, and appends the tokens to the text tokens. Tiny: SigLIP width 48 (not the tiny CLIP vision's 32, so a
+# model of another space is told apart by width here as at full size: SigLIP 1152 vs CLIP ViT-L 1024, ViT-H 1280,
+# ViT-bigG 1664), 2 layers, 32 px at patch 8 = 16 tokens; Redux 48 -> 3 x 64 -> 64 (the tiny flux context width).
+# Core comfy.sd.load_style_model builds the Redux at full size whatever the file holds, so the tiny one is
+# loaded as that function does it (detected by 'redux_down.weight', load_state_dict, comfy.sd.StyleModel) with
+# its widths read from the file's shapes.
+
+TINY_SIGLIP = {
+    "num_channels": 3, "hidden_act": "gelu_pytorch_tanh", "hidden_size": 48, "image_size": 32,
+    "intermediate_size": 96, "model_type": "siglip_vision_model", "num_attention_heads": 2, "num_hidden_layers": 2,
+    "patch_size": 8, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+}
+
+
+def build_siglip_vision(seed: int):
+    """A ComfyUI ClipVisionModel of TINY_SIGLIP (what Load CLIP Vision returns for sigclip_vision_patch14_384), seeded."""
+    return build_clip_vision(seed, TINY_SIGLIP)
+
+
+def redux_state_dict(seed: int, siglip_width: int = TINY_SIGLIP["hidden_size"], context: int = T5_WIDTH) -> dict:
+    """A seeded ReduxImageEncoder's state dict in the published flux1-redux-dev key layout (redux_up, redux_down)."""
+    import comfy.ldm.flux.redux
+
+    enc = comfy.ldm.flux.redux.ReduxImageEncoder(redux_dim=siglip_width, txt_in_features=context,
+                                                 dtype=torch.float32)
+    seeded_init_(enc, seed + 5)
+    return {k: v.detach().clone().contiguous() for k, v in enc.state_dict().items()}
+
+
+def load_style_model(sd: dict):
+    """A STYLE_MODEL from a Redux state dict, as core comfy.sd.load_style_model loads one, the widths read from
+    the shapes (core hard-codes 1152 -> 4096)."""
+    import comfy.ldm.flux.redux
+
+    if "redux_down.weight" not in sd or "redux_up.weight" not in sd:
+        raise ValueError("style_model: not a Redux state dict (no redux_up / redux_down weights)")
+    enc = comfy.ldm.flux.redux.ReduxImageEncoder(redux_dim=int(sd["redux_up.weight"].shape[1]),
+                                                 txt_in_features=int(sd["redux_down.weight"].shape[0]),
+                                                 dtype=torch.float32)
+    enc.load_state_dict(sd)
+    return comfy.sd.StyleModel(enc)

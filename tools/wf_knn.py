@@ -1,4 +1,4 @@
-"""Example workflows for the kNN retriever (KNN-Diffusion on SD2.1 unCLIP).
+"""Example workflows for the kNN retriever (KNN-Diffusion on SD2.1 unCLIP; neighbours -> Flux Redux).
 
 The databases are folders of generated-world images written by Atelier World Image Folder, so every workflow
 runs on a fresh install; point Build Index at your own folder instead. With --tiny (or ATELIER_TINY_MODELS=1)
@@ -102,8 +102,50 @@ def knn_two_databases(g):
         _generate(g, ck, pos, neg, hits, f"atelier_knn_database_{tag.lower()}", title=f"Database {tag}", lat=lat)
 
 
+FLUX_DEV = "flux1-dev.safetensors"
+FLUX_TEXT = ("clip_l.safetensors", "t5xxl_fp16.safetensors")
+FLUX_VAE = "ae.safetensors"
+SIGLIP = "sigclip_vision_patch14_384.safetensors"
+REDUX = "flux1-redux-dev.safetensors"
+
+
+def knn_flux_redux(g):
+    g.note("kNN neighbours -> Flux Redux: the prompt retrieves its 4 nearest images from the database in open_clip "
+           "space (text queries need open_clip's text tower); Retrieve re-encodes those images with Redux's SigLIP "
+           f"image encoder ({SIGLIP} in models/clip_vision/) and core Apply Style Model turns their score-weighted "
+           f"token states into Flux text tokens through {REDUX} (models/style_models/). Retrieve's style_model "
+           "input checks that the CLIP vision model makes the hidden states Redux reads (SigLIP, 1152 wide) before "
+           "any work. combine 'all neighbours' appends 729 tokens per neighbour instead of one weighted set. "
+           f"Flux.1 dev: {FLUX_DEV} (models/diffusion_models/), {FLUX_TEXT[0]} + {FLUX_TEXT[1]}, {FLUX_VAE}. With "
+           "--tiny every loader becomes its tiny seeded stand-in (tiny flux, SigLIP, Redux, open_clip).")
+    model = g.node("UNETLoader", title="Load Diffusion Model", unet_name=FLUX_DEV, weight_dtype="default")
+    clip = g.node("DualCLIPLoader", title="Text encoders (CLIP-L + T5-XXL)", clip_name1=FLUX_TEXT[0],
+                  clip_name2=FLUX_TEXT[1], type="flux")
+    vae = g.node("VAELoader", title="Flux VAE", vae_name=FLUX_VAE)
+    vision = g.node("CLIPVisionLoader", title="SigLIP (Redux's image encoder)", clip_name=SIGLIP)
+    style = g.node("StyleModelLoader", title="Flux Redux", style_model_name=REDUX)
+    world = _world(g, WARM)
+    emb = _embedder(g)
+    index = _build(g, emb, world, "demo_warm_shapes")
+    hits = g.node("AtelierKNNRetrieve", title="Retrieve by text", index=index[0], embedder=emb[0], text=PROMPT, k=4,
+                  combine="weighted mean", temperature=0.05, image_size=384, clip_vision=vision[0],
+                  allow_other_model=False, style_model=style[0])
+    pos = g.node("CLIPTextEncode", title="Prompt", text=PROMPT, clip=clip[0])
+    neg = g.node("CLIPTextEncode", title="Negative (unused at cfg 1)", text="", clip=clip[0])
+    styled = g.node("StyleModelApply", conditioning=pos[0], style_model=style[0], clip_vision_output=hits[1],
+                    strength=1.0, strength_type="multiply")
+    guided = g.node("FluxGuidance", conditioning=styled[0], guidance=3.5)
+    latent = g.node("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
+    ks = g.node("KSampler", model=model[0], positive=guided[0], negative=neg[0], latent_image=latent[0],
+                seed=42, steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+    img = g.node("VAEDecode", samples=ks[0], vae=vae[0])
+    g.node("SaveImage", images=img[0], filename_prefix="atelier_knn_flux_redux")
+    g.node("SaveImage", title="Neighbours", images=hits[0], filename_prefix="atelier_knn_redux_neighbours")
+
+
 WORKFLOWS = {
     "knn_build_index.json": knn_build_index,
     "knn_text_to_unclip.json": knn_text_to_unclip,
     "knn_two_databases.json": knn_two_databases,
+    "knn_flux_redux.json": knn_flux_redux,
 }
