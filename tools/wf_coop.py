@@ -47,17 +47,25 @@ def coop_noise_aware_hires(g):
            "Keep steps/sampler/scheduler/end_at_step equal across the three nodes.")
     ck, pos, neg = checkpoint_prompts(g, SD15, "SD1.5", PROMPT)
     lat = g.node("EmptyLatentImage", width=512, height=512, batch_size=1)
-    common = {"model": ck[0], "noise_seed": 42, "steps": 8, "cfg": 7.0, "sampler_name": "euler",
-              "scheduler": "normal", "positive": pos[0], "negative": neg[0]}
-    k1 = g.node("KSamplerAdvanced", add_noise="enable", latent_image=lat[0], start_at_step=0, end_at_step=4,
+    _noise_aware_hires(g, ck[0], ck[2], pos[0], neg[0], lat[0], "atelier_coop_noise_aware_hires", steps=8, switch=4,
+                       cfg=7.0, scheduler="normal", scale=2.0)
+
+
+def _noise_aware_hires(g, model, vae, positive, negative, latent, prefix, steps, switch, cfg, scheduler, scale):
+    """KSamplerAdvanced to step ``switch`` with leftover noise, Atelier's noise-aware upscale, a second
+    KSamplerAdvanced from ``switch`` on (the three nodes with the same steps, sampler, scheduler and switch step),
+    VAEDecode and SaveImage."""
+    common = {"model": model, "noise_seed": 42, "steps": steps, "cfg": cfg, "sampler_name": "euler",
+              "scheduler": scheduler, "positive": positive, "negative": negative}
+    k1 = g.node("KSamplerAdvanced", add_noise="enable", latent_image=latent, start_at_step=0, end_at_step=switch,
                 return_with_leftover_noise="enable", **common)
-    up = g.node("AtelierNoiseAwareLatentUpscale", model=ck[0], vae=ck[2], positive=pos[0], negative=neg[0],
-                samples=k1[0], cfg=7.0, steps=8, sampler_name="euler", scheduler="normal", end_at_step=4, scale=2.0,
-                resize_method="bicubic", seed=7)
-    k2 = g.node("KSamplerAdvanced", add_noise="disable", latent_image=up[0], start_at_step=4, end_at_step=10000,
+    up = g.node("AtelierNoiseAwareLatentUpscale", model=model, vae=vae, positive=positive, negative=negative,
+                samples=k1[0], cfg=cfg, steps=steps, sampler_name="euler", scheduler=scheduler, end_at_step=switch,
+                scale=scale, resize_method="bicubic", seed=7)
+    k2 = g.node("KSamplerAdvanced", add_noise="disable", latent_image=up[0], start_at_step=switch, end_at_step=10000,
                 return_with_leftover_noise="disable", **common)
-    img = g.node("VAEDecode", samples=k2[0], vae=ck[2])
-    g.node("SaveImage", images=img[0], filename_prefix="atelier_coop_noise_aware_hires")
+    img = g.node("VAEDecode", samples=k2[0], vae=vae)
+    g.node("SaveImage", images=img[0], filename_prefix=prefix)
 
 
 # ---------------------------------------------------------------- across UNet and flow/DiT families (issue 18)
@@ -114,17 +122,8 @@ def coop_flux_noise_aware_hires(g):
            "upscaler's 'sigmas' input. Keep steps/sampler/scheduler/end_at_step equal across the three nodes. " + TINY)
     fm, fv, fpos, fneg = _flux(g, PROMPT, "Flux")
     lat = g.node("EmptySD3LatentImage", width=768, height=768, batch_size=1)
-    common = {"model": fm[0], "noise_seed": 42, "steps": 12, "cfg": 1.0, "sampler_name": "euler",
-              "scheduler": "simple", "positive": fpos[0], "negative": fneg[0]}
-    k1 = g.node("KSamplerAdvanced", add_noise="enable", latent_image=lat[0], start_at_step=0, end_at_step=6,
-                return_with_leftover_noise="enable", **common)
-    up = g.node("AtelierNoiseAwareLatentUpscale", model=fm[0], vae=fv[0], positive=fpos[0], negative=fneg[0],
-                samples=k1[0], cfg=1.0, steps=12, sampler_name="euler", scheduler="simple", end_at_step=6, scale=1.5,
-                resize_method="bicubic", seed=7)
-    k2 = g.node("KSamplerAdvanced", add_noise="disable", latent_image=up[0], start_at_step=6, end_at_step=10000,
-                return_with_leftover_noise="disable", **common)
-    img = g.node("VAEDecode", samples=k2[0], vae=fv[0])
-    g.node("SaveImage", images=img[0], filename_prefix="atelier_coop_flux_noise_aware_hires")
+    _noise_aware_hires(g, fm[0], fv[0], fpos[0], fneg[0], lat[0], "atelier_coop_flux_noise_aware_hires", steps=12,
+                       switch=6, cfg=1.0, scheduler="simple", scale=1.5)
 
 
 WORKFLOWS = {
