@@ -18,6 +18,10 @@ Mini kNN: a trained open_clip and an unCLIP model reading its image embeddings, 
 read get a ``_mini`` suffix (a LEP trained on Mini's features is never reused on the random tiny model, or the
 reverse; an index of tiny embeddings is never queried with Mini's).
 
+Image encoders (issue 18.4): ``StyleModelLoader`` becomes ``AtelierTinyReduxLoader``, ``CLIPVisionLoader``
+``AtelierTinyCLIPVisionLoader`` of the kind its file name tells (SigLIP, CLIP-G, CLIP), and an SDXL checkpoint in a
+workflow that feeds image embeddings the tiny SDXL revision model (see ``IMAGE_ENCODER_LOADERS`` below).
+
 DiT and flow families (issue 17): Flux, SD3.5 and PixArt workflows load the diffusion model, the text
 encoders and the VAE with separate nodes (``UNETLoader``, ``CLIPLoader`` / ``DualCLIPLoader`` /
 ``TripleCLIPLoader``, ``VAELoader``) or an SD3 checkpoint. Each becomes a tiny (or Mini) loader of the family
@@ -84,6 +88,7 @@ def substitute_tiny(prompt: dict, mini: bool = False) -> dict:
     least 64 px)."""
     suffix = MINI_INDEX_SUFFIX if mini else TINY_INDEX_SUFFIX
     split, size_family = _plan_split_loaders(prompt)
+    revision = any(n.get("class_type") in IMAGE_EMBEDDING_READERS for n in prompt.values())
     out = {}
     for nid, node in prompt.items():
         scaled = TINY_SCALED_INPUTS.get(node["class_type"], ())
@@ -92,7 +97,10 @@ def substitute_tiny(prompt: dict, mini: bool = False) -> dict:
             _scale_sizes(node["inputs"], scaled, DIT_SIZES.get((size_family, mini and mini_has(size_family))))
         if node["class_type"] == "CheckpointLoaderSimple":
             name = str(node["inputs"].get("ckpt_name", ""))
-            node = _stand_in(tiny_family_for(name), tiny_seed_for(name), name, mini)
+            if tiny_family_for(name) == "sdxl" and revision:
+                node = _revision_stand_in(name, mini)
+            else:
+                node = _stand_in(tiny_family_for(name), tiny_seed_for(name), name, mini)
         elif nid in split:
             node = _stand_in(*split[nid], mini)
         elif node["class_type"] == "unCLIPCheckpointLoader":
@@ -257,17 +265,22 @@ TINY_INDEX_NAMES = {"AtelierKNNBuildIndex": ("index_name",), "AtelierKNNIndexLoa
 
 # ----------------------------------------------------------------------------- image encoders (issue 18.4)
 # Load Style Model (flux1-redux-dev) becomes the tiny Flux Redux, Load CLIP Vision the tiny CLIP vision model of
-# the kind its file name tells: SigLIP (sigclip_vision_patch14_384, siglip-so400m: what Redux reads) or CLIP ViT
-# (clip_vision_h / ViT-L / ViT-H: the tiny unCLIP's). A CLIP vision file whose kind the name does not tell is left
-# for core validation to name. Mini ships no Redux or SigLIP: Mini mode uses the tiny ones and says so.
+# the kind its file name tells: SigLIP (sigclip_vision_patch14_384, siglip-so400m: what Redux reads), CLIP-G
+# (clip_vision_g, ViT-bigG: what SDXL revision reads, 1280-d) or CLIP ViT (clip_vision_h / ViT-L / ViT-H: the tiny
+# unCLIP's). A CLIP vision file whose kind the name does not tell is left for core validation to name. An SDXL
+# checkpoint in a workflow that feeds image embeddings (unCLIP Conditioning, Atelier kNN Conditioning) becomes the
+# tiny SDXL revision model (1280-wide pooled vector; the tiny sdxl's is 32 wide). Mini ships none of these: Mini
+# mode uses the tiny ones and says so in the title.
 IMAGE_ENCODER_LOADERS = {"StyleModelLoader": "style_model_name", "CLIPVisionLoader": "clip_name"}
 
 
 def vision_kind_from_name(name: str) -> str | None:
-    """'siglip' / 'clip' for a CLIP vision file name as users have them, or None."""
+    """'siglip' / 'clip_g' / 'clip' for a CLIP vision file name as users have them, or None."""
     n = str(name).lower()
     if "siglip" in n or "sigclip" in n:
         return "siglip"
+    if re.search(r"(clip[-_ ]?vision|vit)[-_ ]?g(?![a-z0-9])|bigg", n):
+        return "clip_g"
     if re.search(r"clip[-_ ]?vision|vit[-_ ]?[lhg]|clip[-_ ]?vit", n):
         return "clip"
     return None
@@ -286,3 +299,11 @@ def _image_encoder_stand_in(node: dict, mini: bool) -> dict:
         return node
     return {"class_type": "AtelierTinyCLIPVisionLoader", "inputs": {"kind": kind, "seed": tiny_seed_for(name)},
             "_meta": {"title": title}}
+
+
+IMAGE_EMBEDDING_READERS = ("unCLIPConditioning", "AtelierKNNConditioning")
+
+
+def _revision_stand_in(name: str, mini: bool) -> dict:
+    return {"class_type": "AtelierTinyUnCLIPCheckpointLoader", "inputs": {"seed": tiny_seed_for(name), "family": "sdxl"},
+            "_meta": {"title": f"tiny SDXL revision stand-in for {name}" + (" (Atelier Mini has none)" if mini else "")}}

@@ -10,9 +10,16 @@ Folders (registered at import, extendable in extra_model_paths.yaml):
 Conditioning path: the neighbours' image embeddings go into ``unclip_conditioning``, the input through which
 ComfyUI feeds a CLIP *image* embedding to the models trained to take one (SD2.1 unCLIP; SDXL "revision",
 which reads it as the pooled vector). That is what KNN-Diffusion conditions on: image embeddings of the
-query's neighbours, no retraining. Token-level paths (style models such as Redux, IPAdapter) need the
+query's neighbours, no retraining. Token-level paths (style models such as Flux Redux, IPAdapter) need the
 neighbours' hidden states: the Retrieve node re-encodes the neighbour images with a CLIP_VISION model for
 its CLIP_VISION_OUTPUT, which the core and IPAdapter nodes take as is.
+
+Flux Redux (issue 18.4): Redux reads its SigLIP's last hidden states (729 x 1152 per image). The index keeps pooled
+embeddings only (1.7 MB of fp16 token states per image would be 168 GB for 100k images) and Retrieve re-encodes
+the k neighbours at query time (k SigLIP forwards, small against a Flux step). The index's embedder only finds
+the neighbours (open_clip for text queries, or the SigLIP itself: ``clip_vision_embedder`` pools it as the mean of
+its tokens); what Redux reads comes from the re-encoding CLIP vision model, so that is what ``check_style_space``
+checks against the style model (kind: SigLIP / CLIP, and width), when Retrieve's optional style_model is connected.
 """
 from __future__ import annotations
 
@@ -655,15 +662,15 @@ def _check_unclip_model(model, dim: int) -> None:
     base = getattr(model, "model", None)
     aug = getattr(base, "noise_augmentor", None)
     if aug is None:
-        raise knn.KNNError(
-            f"{type(base).__name__} takes no CLIP image embedding (unCLIP), so this conditioning would be ignored. "
-            "Use an SD2.1 unCLIP or SDXL checkpoint, or send Retrieve's clip_vision_output to IPAdapter / Apply "
-            "Style Model.")
+        raise glue.fail("model", f"{type(base).__name__} takes no CLIP image embedding (unCLIP), so this "
+                        "conditioning would be ignored", "use an SD2.1 unCLIP or SDXL checkpoint, or send Retrieve's "
+                        "clip_vision_output to IPAdapter / Apply Style Model (Flux Redux)", cls=knn.KNNError)
     want = int(aug.data_mean.shape[-1])
     if want != dim:
-        raise knn.KNNError(f"Dimension mismatch: this model reads {want}-d CLIP image embeddings, the index holds "
-                           f"{dim}-d ones. Build the index with the matching CLIP (e.g. ViT-H/14 for 1024, "
-                           "ViT-bigG for 1280, ViT-L for 768).")
+        raise glue.fail("neighbours", f"Dimension mismatch: the model reads {want}-d CLIP image embeddings, the index "
+                        f"holds {dim}-d ones", "build the index with the matching CLIP (e.g. ViT-H/14 for 1024 "
+                        "(SD2.1 unCLIP-h), ViT-bigG / clip_vision_g for 1280 (SDXL revision), ViT-L for 768)",
+                        cls=knn.KNNError)
 
 
 class AtelierKNNConditioning(io.ComfyNode):

@@ -61,23 +61,30 @@ class AtelierTinyUnCLIPCheckpointLoader(io.ComfyNode):
             description=(
                 "The tiny stand-in for unCLIP Checkpoint Loader (SD2.1 unCLIP): a seeded random model with the "
                 "SD2.1-unCLIP topology at toy size that reads 32-d CLIP image embeddings, a tiny text encoder, VAE "
-                "and CLIP vision model. It draws noise-like pictures: it exists to try workflows and run tests "
-                "without downloading weights."
+                "and CLIP vision model; family sdxl: the same for SDXL revision (an SDXL checkpoint with clip_vision_g), "
+                "which tiny mode uses for an SDXL checkpoint whose workflow feeds image embeddings. It draws "
+                "noise-like pictures: it exists to try workflows and run tests without downloading weights."
             ),
             inputs=[
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the random weights. Same seed, same weights."),
+                io.Combo.Input("family", options=["sd21", "sdxl"], default="sd21", optional=True,
+                               tooltip="sd21: SD2.1 unCLIP (32-d image embeddings). sdxl: SDXL revision, the tiny "
+                                       "sdxl with a 1280-wide pooled vector, read from a 1280-d image embedding as "
+                                       "SDXL reads clip_vision_g's; its CLIP_VISION has a 1280-d projection."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The tiny unCLIP diffusion model (reads unclip_conditioning)."),
                 io.Clip.Output(tooltip="The tiny text encoder with the real tokenizer."),
                 io.Vae.Output(tooltip="A TAESD-type VAE (8x downscale, 4 latent channels)."),
-                io.ClipVision.Output(tooltip="A tiny CLIP vision model with a 32-d projection."),
+                io.ClipVision.Output(tooltip="A tiny CLIP vision model with a 32-d (sdxl: 1280-d) projection."),
             ],
         )
 
     @classmethod
-    def execute(cls, seed: int) -> io.NodeOutput:
+    def execute(cls, seed: int, family: str = "sd21") -> io.NodeOutput:
+        if family == "sdxl":
+            return io.NodeOutput(*tiny_family.build_revision_family(seed))
         return io.NodeOutput(*tiny_family.build_unclip_family(seed))
 
 
@@ -131,7 +138,7 @@ class AtelierTinyReduxLoader(io.ComfyNode):
         return io.NodeOutput(tiny_family.load_style_model(tiny_family.redux_state_dict(seed)))
 
 
-TINY_VISION_KINDS = {"siglip": "TINY_SIGLIP", "clip": "TINY_CLIP_VISION"}
+TINY_VISION_KINDS = {"siglip": "TINY_SIGLIP", "clip": "TINY_CLIP_VISION", "clip_g": "TINY_CLIP_G_VISION"}
 
 
 class AtelierTinyCLIPVisionLoader(io.ComfyNode):
@@ -145,13 +152,13 @@ class AtelierTinyCLIPVisionLoader(io.ComfyNode):
                 "The tiny stand-in for Load CLIP Vision: a ComfyUI CLIP vision model with seeded random weights. "
                 "siglip: SigLIP-shaped (no class token, every token layer-normed, 48 wide, 16 tokens), what the tiny "
                 "Flux Redux reads, as sigclip_vision_patch14_384 for Flux Redux. clip: the tiny unCLIP's CLIP ViT "
-                "(32 wide, 32-d image embeddings), as clip_vision_h for SD2.1 unCLIP. Tiny mode puts it in place of "
-                "Load CLIP Vision."
+                "(32 wide, 32-d image embeddings), as clip_vision_h for SD2.1 unCLIP. clip_g: the same with a 1280-d "
+                "projection, as clip_vision_g for SDXL revision. Tiny mode puts it in place of Load CLIP Vision."
             ),
             inputs=[
                 io.Combo.Input("kind", options=list(TINY_VISION_KINDS), default="siglip",
                                tooltip="siglip: the image encoder of (tiny) Flux Redux. clip: the image encoder of "
-                                       "the tiny unCLIP model."),
+                                       "the tiny unCLIP model. clip_g: the image encoder of tiny SDXL revision."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of the random weights. Same seed, same weights."),
             ],

@@ -521,3 +521,43 @@ def load_style_model(sd: dict):
                                                  dtype=torch.float32)
     enc.load_state_dict(sd)
     return comfy.sd.StyleModel(enc)
+
+# ----------------------------------------------------------------------------- tiny SDXL revision (issue 18.4)
+# SDXL "revision": an SDXL checkpoint reads a CLIP image embedding (unclip_conditioning, from clip_vision_g:
+# ViT-bigG, projection 1280) in place of its pooled CLIP-G text vector; ComfyUI's model_base.SDXL hard-codes a
+# 1280-wide noise augmentor and keeps the first 1280 values. The tiny sdxl's pooled vector is 32 wide (ComfyUI's
+# CLIP text projection is square: pooled width = text width), so revision has its own variant: the tiny sdxl UNet
+# with ADM 1280 + 6 x 256, the tiny sdxl text encoders with the pooled CLIP-G vector zero-padded to 1280 (as the
+# tiny sd3's T5 tokens are padded to SD3's context width), and a tiny CLIP vision model with a 1280-d projection
+# (TINY_CLIP_G_VISION).
+
+REVISION_EMBED_DIM = 1280
+TINY_CLIP_G_VISION = dict(TINY_CLIP_VISION, projection_dim=REVISION_EMBED_DIM)
+
+
+class TinySDXLRevision(TinySDXL):
+    unet_config = dict(_SDXL_UNET, adm_in_channels=REVISION_EMBED_DIM + 6 * 256)
+
+
+class _RevisionSDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+    """The tiny sdxl text encoders, the pooled CLIP-G vector zero-padded to REVISION_EMBED_DIM."""
+
+    def encode_token_weights(self, token_weight_pairs):
+        out, pooled = super().encode_token_weights(token_weight_pairs)
+        return out, torch.nn.functional.pad(pooled, (0, REVISION_EMBED_DIM - pooled.shape[-1]))
+
+
+def build_revision_family(seed: int = 0):
+    """(MODEL, CLIP, VAE, CLIP_VISION) of tiny SDXL revision: what CheckpointLoaderSimple (an SDXL file) and
+    CLIPVisionLoader (clip_vision_g) give a revision workflow."""
+    cfg = TinySDXLRevision(TinySDXLRevision.unet_config)
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({})
+    seeded_init_(model.diffusion_model, seed)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    spec = FAMILIES["sdxl"]
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(spec["clip_target"][0], _RevisionSDXLClipModel),
+                         model_options={**spec["clip_options"], "dtype": torch.float32})
+    seeded_init_(clip.cond_stage_model, seed + 1)
+    return patcher, clip, build_vae("sdxl", seed), build_clip_vision(seed, TINY_CLIP_G_VISION)

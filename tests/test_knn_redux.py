@@ -110,8 +110,6 @@ def test_neighbours_condition_flux_through_core_style_model_apply_and_a_second_d
     assert cool_hits.root != hits.root
     assert (cool["values"]["47"][0][0][0] - cond).abs().max() > 1e-4
     assert (cool["values"]["6"][0] - warm_img).abs().max() > 1e-3, "swapping the database must change the picture"
-    again = run_graph(_graph("redux_warm", "redux_warm"), want=["6"])
-    assert torch.equal(again["values"]["6"][0], warm_img)
 
     # one row per neighbour: Apply Style Model appends 2 x 16 tokens
     both = run_graph(_graph("redux_warm", "redux_warm", combine="all neighbours"), want=["47"])
@@ -170,8 +168,83 @@ def test_redux_workflow_runs_in_tiny_mode(comfy, run_graph):
             node["inputs"]["steps"] = 2
         if node["class_type"] == "KSampler":
             node["inputs"]["steps"] = 2
+        if node["class_type"] == "EmptySD3LatentImage":
+            node["inputs"].update(width=64, height=64)
     apply_id = next(k for k, n in prompt.items() if n["class_type"] == "StyleModelApply")
     out_id = next(k for k, n in prompt.items() if n["class_type"] == "VAEDecode")
     r = run_graph(prompt, want=[apply_id, out_id])
     assert r["values"][apply_id][0][0][0].shape[1] == 256 + 16
     assert torch.isfinite(r["values"][out_id][0]).all()
+
+
+# ----------------------------------------------------------------------------- SDXL revision (unCLIP conditioning)
+
+def _revision_graph(folder: str, index_name: str, path: str = "core", strength: float = 1.0) -> dict:
+    """An SDXL revision workflow as users build it (an SDXL checkpoint, Load CLIP Vision clip_vision_g), the
+    index built with that CLIP vision model, the query image's neighbours into core unCLIP Conditioning
+    (``path`` 'core') or Atelier kNN Conditioning ('atelier', which checks the model). Run after substitute_tiny."""
+    p = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "41": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "clip_vision_g.safetensors"}},
+        "42": {"class_type": "AtelierKNNCLIPVisionEmbedder", "inputs": {"clip_vision": ["41", 0]}},
+        "43": {"class_type": "AtelierKNNBuildIndex", "inputs": {
+            "embedder": ["42", 0], "folder": folder, "index_name": index_name, "index_type": "flat",
+            "rebuild": False, "batch_size": 4}},
+        "45": {"class_type": "LoadImage", "inputs": {"image": "redux_warm/01.png"}},
+        "44": {"class_type": "AtelierKNNRetrieve", "inputs": {
+            "index": ["43", 0], "embedder": ["42", 0], "text": "", "k": 2, "combine": "weighted mean",
+            "temperature": 0.05, "image_size": 64, "image": ["45", 0]}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["35", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": 1, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+    if path == "core":
+        p["35"] = {"class_type": "unCLIPConditioning", "inputs": {
+            "conditioning": ["2", 0], "clip_vision_output": ["44", 1], "strength": strength, "noise_augmentation": 0.0}}
+    else:
+        p["35"] = {"class_type": "AtelierKNNConditioning", "inputs": {
+            "conditioning": ["2", 0], "neighbours": ["44", 2], "strength": strength, "temperature": 0.05,
+            "query_weight": 0.0, "mode": "weighted mean", "noise_augmentation": 0.0, "model": ["1", 0]}}
+    return p
+
+
+def test_sdxl_revision_workflow_becomes_tiny_revision_and_a_second_database_changes_it(redux_env, run_graph, pack):
+    sub = importlib.import_module(pack.__name__ + ".models.tiny_substitution")
+    prompt = sub.substitute_tiny(_revision_graph("redux_warm", "rev_warm"))
+    assert prompt["1"]["class_type"] == "AtelierTinyUnCLIPCheckpointLoader" and prompt["1"]["inputs"]["family"] == "sdxl"
+    assert prompt["41"]["class_type"] == "AtelierTinyCLIPVisionLoader" and prompt["41"]["inputs"]["kind"] == "clip_g"
+    assert prompt["4"]["inputs"]["width"] == 64
+    plain = sub.substitute_tiny({k: v for k, v in _revision_graph("redux_warm", "rev_warm").items() if k in "1234567"
+                                 } | {"35": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}}})
+    assert plain["1"]["class_type"] == "AtelierTinyCheckpointLoader"  # no image embeddings read: the plain tiny sdxl
+
+    warm = run_graph(prompt, want=["44", "6", "1"])
+    vision = warm["values"]["44"][1]
+    assert vision.image_embeds.shape == (1, 1280)  # clip_vision_g-shaped, what SDXL's noise augmentor reads
+    model = warm["values"]["1"][0]
+    assert int(model.model.noise_augmentor.data_mean.shape[-1]) == 1280
+    cool = run_graph(sub.substitute_tiny(_revision_graph("redux_cool", "rev_cool")), want=["6"])
+    warm_img = warm["values"]["6"][0]
+    assert torch.isfinite(warm_img).all()
+    assert (cool["values"]["6"][0] - warm_img).abs().max() > 1e-3, "swapping the database must change the picture"
+
+    # Atelier kNN Conditioning on the same neighbours: accepted by the model check, one 1280-d unCLIP entry
+    ours = run_graph(sub.substitute_tiny(_revision_graph("redux_warm", "rev_warm", path="atelier")), want=["35", "6"])
+    (entry,) = ours["values"]["35"][0][0][1]["unclip_conditioning"]
+    assert entry["clip_vision_output"].image_embeds.shape == (1, 1280)
+    assert torch.isfinite(ours["values"]["6"][0]).all()
+
+
+def test_sdxl_revision_refuses_an_index_of_another_space_naming_the_input(redux_env, run_graph, pack):
+    sub = importlib.import_module(pack.__name__ + ".models.tiny_substitution")
+    prompt = _revision_graph("redux_warm", "rev_warm_h", path="atelier")
+    prompt["41"]["inputs"]["clip_name"] = "clip_vision_h.safetensors"  # SD2.1 unCLIP-h's encoder: 32-d when tiny
+    headless = load_tool("headless")
+    with pytest.raises(headless.WorkflowError, match=r"neighbours: Dimension mismatch: the model reads 1280-d CLIP "
+                                                     r"image embeddings, the index holds 32-d ones"):
+        run_graph(sub.substitute_tiny(prompt))

@@ -216,6 +216,17 @@ def encode_world(world, taesd, seed: int, n: int, px: int, scale_factor: float, 
 # ------------------------------------------------------------------------------------------
 # checkpoints (safetensors + json: resumable, no pickle)
 
+def save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write a safetensors file whole or not at all: to <path>.tmp first, then moved over ``path``; the folder
+    is made."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
 class Checkpoint:
     def __init__(self, folder: Path):
         self.folder = folder
@@ -224,7 +235,6 @@ class Checkpoint:
         return self.folder / f"{phase}.safetensors"
 
     def save(self, phase: str, step: int, tensors: dict, opt: torch.optim.Optimizer | None, info: dict):
-        from safetensors.torch import save_file
         flat = {f"p.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
         if opt is not None:
             # keyed by the parameter's index in the group: parameters that never got a gradient
@@ -232,10 +242,7 @@ class Checkpoint:
             for idx, st in opt.state_dict()["state"].items():
                 for name, v in st.items():
                     flat[f"opt.{idx}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(phase).with_suffix(".tmp")
-        save_file(flat, str(tmp), metadata={"info": json.dumps({**info, "step": step, "opt_keys": "index"})})
-        tmp.replace(self.path(phase))
+        save_safetensors(self.path(phase), flat, {"info": json.dumps({**info, "step": step, "opt_keys": "index"})})
 
     def load(self, phase: str, opt: torch.optim.Optimizer | None):
         from safetensors import safe_open
@@ -774,10 +781,7 @@ def write_weights(path, fmt, family, base, cond_model, taesd, toks, empty, summa
                  "train_seconds_note": "VAE + UNet phase wall time (world rendering and latent encoding "
                                        "excluded); on a shared machine"})
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(flat, str(tmp), metadata=meta)
-    tmp.replace(path)
+    save_safetensors(path, flat, meta)
     log.info("wrote %s (%.2f MB)", path, path.stat().st_size / 1e6)
 
 

@@ -179,14 +179,12 @@ def retrieval_accuracy(model, pixels, text_tokens, caption_ids, n=512) -> float:
 
 def encode_cached(taesd, images, cache: Path | None) -> torch.Tensor:
     """Raw TAESD encoder outputs of every image (minutes on a CPU: cached beside the checkpoints)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     if cache is not None and cache.is_file():
         return load_file(str(cache))["u"]
     u = tm.encode_all(taesd, images, 256)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"u": u.contiguous()}, str(cache.with_suffix(".tmp")))
-        cache.with_suffix(".tmp").replace(cache)
+        tm.save_safetensors(cache, {"u": u.contiguous()})
     return u
 
 
@@ -319,10 +317,7 @@ def write_weights(path, fmt, world, base, oc, cfg, tokenizer, text_tokens, summa
                  "recipe": "tools/train_mini_knn.py",
                  "train_seconds_note": "open_clip + UNet phase wall time on a shared 2-core machine"})
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(flat, str(tmp), metadata=meta)
-    tmp.replace(path)
+    tm.save_safetensors(path, flat, meta)
     log.info("wrote %s (%.2f MB)", path, path.stat().st_size / 1e6)
 
 
