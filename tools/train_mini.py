@@ -762,7 +762,6 @@ def train_dit(family: str, seed: int, steps: int, data: int, batch: int, lr: flo
 
 
 def write_weights(path, fmt, family, base, cond_model, taesd, toks, empty, summary, world, token_ids=None):
-    from safetensors.torch import save_file
     ids = token_ids if token_ids is not None else torch.cat(
         [v.flatten() for v in toks.values()] + [v.flatten() for v in empty.values()]).unique()
     emb_keys = tuple(f"clip.{k}" for k in cond_model.state_dict()

@@ -301,7 +301,6 @@ def train(seed=0, clip_steps=1500, clip_batch=256, unet_steps=3000, batch=32, da
 
 
 def write_weights(path, fmt, world, base, oc, cfg, tokenizer, text_tokens, summary):
-    from safetensors.torch import save_file
     ids = torch.cat([tokenizer(list(world.VOCABULARY)).flatten(), text_tokens.flatten()]).unique()
     flat = fmt.pack({"unet": base.diffusion_model.state_dict(), "open_clip": oc.state_dict()}, token_ids=ids,
                     embedding_keys=(f"open_clip.{OPEN_CLIP_TOKEN_KEY}",))
