@@ -17,7 +17,7 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from atelier_testlib import IN_CI, ROOT, comfy_env, load_tool  # noqa: E402,F401
+from atelier_testlib import IN_CI, ROOT, comfy_env, load_models, load_tool  # noqa: E402,F401
 
 
 SLOW_ENV = "ATELIER_SLOW"
@@ -94,6 +94,48 @@ def tiny(pack):
     """nodes/tiny_family.py as loaded inside ComfyUI."""
     import importlib
     return importlib.import_module(pack.__name__ + ".nodes.tiny_family")
+
+
+# The pack's modules as ComfyUI imported them, for the modules of tests that use them.
+def _pack_module(pack, name: str):
+    import importlib
+    return importlib.import_module(f"{pack.__name__}.{name}")
+
+
+@pytest.fixture(scope="module")
+def glue(pack):
+    """nodes/glue.py"""
+    return _pack_module(pack, "nodes.glue")
+
+
+@pytest.fixture(scope="module")
+def nc(pack):
+    """nodes/coop.py"""
+    return _pack_module(pack, "nodes.coop")
+
+
+@pytest.fixture(scope="module")
+def sk(pack):
+    """nodes/sketch.py"""
+    return _pack_module(pack, "nodes.sketch")
+
+
+@pytest.fixture(scope="module")
+def mc():
+    """models/coop.py, loaded outside ComfyUI (tools/pure_models.py)."""
+    return load_models("coop")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread while a test module runs, restored after. On the shared 2-core machine two threads per
+    process spin against each other (tiny-model steps and small convs ran 20-25x slower). A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import uuid
 from pathlib import Path
@@ -22,18 +21,8 @@ from atelier_testlib import load_models, txt2img_prompt  # noqa: E402
 world = load_models("world")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One OpenMP thread on the shared 2-core machine (see test_sketch.py); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def sk(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.sketch")
+# sk (nodes/sketch.py), one_thread: tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,34 +1,17 @@
 """Coop bridge (issue 7) in real ComfyUI on the tiny sd15/sdxl families."""
 from __future__ import annotations
 
-import importlib
 import logging
 
 import pytest
 import torch
-from atelier_testlib import load_models, txt2img_prompt
+from atelier_testlib import txt2img_prompt
 
 LOG = logging.getLogger("test_coop")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread while these tests run (restored after): on the shared 2-core machine two
-    threads per process spin against each other and made tiny-model steps 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def mc():
-    return load_models("coop")
-
-
-@pytest.fixture(scope="module")
-def nc(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.coop")
+# mc (models/coop.py), nc (nodes/coop.py), one_thread: tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ms(kind: str):

@@ -18,32 +18,13 @@ SIXTEEN = ("flux", "flux_schnell", "sd3")
 PX = {"pixart": 320}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def mc():
-    return load_models("coop")
-
-
-@pytest.fixture(scope="module")
-def nc(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.coop")
+# mc (models/coop.py), nc (nodes/coop.py), glue, one_thread: tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tmod(pack):
     return importlib.import_module(pack.__name__ + ".nodes.time_experts")
-
-
-@pytest.fixture(scope="module")
-def glue(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.glue")
 
 
 def _empty(family, size):

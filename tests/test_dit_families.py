@@ -7,8 +7,6 @@ shapes, finiteness, bit-identity where nothing should change and a difference wh
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -16,11 +14,6 @@ DIT = ("pixart", "flux", "flux_schnell", "sd3")
 MODEL_CLASS = {"pixart": "PixArt", "flux": "Flux", "flux_schnell": "Flux", "sd3": "SD3"}
 CONFIG_CLASS = {"pixart": "PixArtSigma", "flux": "Flux", "flux_schnell": "FluxSchnell", "sd3": "SD3"}
 GLUE = {"pixart": "pixart", "flux": "flux", "flux_schnell": "flux", "sd3": "sd3"}
-
-
-@pytest.fixture(scope="module")
-def glue(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.glue")
 
 
 def dit_prompt(tiny, family, *, sampler="euler", scheduler="simple", steps=2, text="a red circle", cfg=1.0,

@@ -15,13 +15,7 @@ from atelier_testlib import load_models  # noqa: E402
 T, L = load_models("lep_train", "lep")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One OpenMP thread on the shared 2-core machine (see test_sketch.py); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def toy(n=6, channels=12, hw=4):

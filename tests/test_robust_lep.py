@@ -6,7 +6,6 @@ written under ComfyUI's models dir carry a uuid suffix and are removed afterward
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import struct
@@ -24,18 +23,8 @@ from atelier_testlib import load_models  # noqa: E402
 world = load_models("world")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One OpenMP thread on the shared 2-core machine (see test_sketch.py); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def sk(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.sketch")
+# sk (nodes/sketch.py), one_thread: tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -11,13 +11,7 @@ import torch
 from atelier_testlib import load_models, load_tool, txt2img_prompt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread (restored after): the machine's two cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

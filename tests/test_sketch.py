@@ -2,8 +2,6 @@
 on the tiny models (random weights: these prove plumbing and the optimisation, not image quality)."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +12,8 @@ import torch
 from atelier_testlib import load_models  # noqa: E402
 
 lep, world = load_models("lep", "world")
+# one torch thread for the whole module (tests/conftest.py): one thread keeps this module near a minute
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- pure
@@ -101,19 +101,7 @@ def test_canvas_json_is_validated_and_rasterised():
 
 # ----------------------------------------------------------------------------- ComfyUI
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared 2-core machine spin against each other (a small conv ran 25x slower);
-    one thread keeps this module near a minute. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def sk(pack):
-    return importlib.import_module(pack.__name__ + ".nodes.sketch")
+# sk (nodes/sketch.py): tests/conftest.py
 
 
 @pytest.fixture(scope="module")
