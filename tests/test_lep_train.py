@@ -18,6 +18,11 @@ T, L = load_models("lep_train", "lep")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
+def test_the_module_runs_on_one_torch_thread():
+    """tests/conftest.py's one_thread holds an opted-in module to one torch thread, whatever OMP_NUM_THREADS says."""
+    assert torch.get_num_threads() == 1
+
+
 def toy(n=6, channels=12, hw=4):
     """A dataset of ``n`` latents with edge targets and a 'UNet' that is a fixed linear map of the noised latent.
     Returns (features, targets, calls): ``calls`` records every batch the loop asked for."""
