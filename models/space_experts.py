@@ -426,6 +426,16 @@ class ProjectionCache:
         self.entries[key] = (weights, ctx, k, v)
         return k, v
 
+    def memo(self, key, make: Callable, weights=None):
+        """``make()`` once per key while ``weights`` is unchanged: for what depends only on constant inputs (the
+        experts' own prompts) and on the block's weights."""
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] == weights:
+            return hit[1]
+        value = make()
+        self.entries[key] = (weights, value)
+        return value
+
 
 class RegionPlan:
     """What one resolution's phrase masks mean for a block, computed once per model call and resolution and
@@ -439,16 +449,14 @@ class RegionPlan:
         self.any = region_masks is not None and bool(region_masks.any())
         self.mixing = self.any and n_experts > 0 and any(int(r) >= 0 for r in route)
         self.em = expert_masks(region_masks, route, n_experts) if self.mixing else None  # (E, b, N)
-        self.painted = self.mixing and bool(self.em.any())
-        self.active = [e for e in range(n_experts) if bool(self.em[e].any())] if self.painted else []
+        flags = self.em.flatten(1).any(dim=1).tolist() if self.mixing else []
+        self.active = [e for e, f in enumerate(flags) if f]
+        self.painted = bool(self.active)
         self.coverage = self.em.float().mean(dim=(1, 2)) if self.painted else None
         self.weights = self.covered = self.count = None
-        if self.painted:  # mix_regions' weights and counts, once
-            w = [self.em[e].unsqueeze(-1).float() for e in self.active]
-            cnt = torch.zeros_like(w[0])
-            for m in w:
-                cnt = cnt + m
-            self.weights = torch.stack(w)  # (A, b, N, 1)
+        if self.painted:  # mix_regions' weights and counts (sums of 0/1: exact), once
+            self.weights = self.em[self.active].unsqueeze(-1).float()  # (A, b, N, 1)
+            cnt = self.weights.sum(dim=0)
             self.covered = cnt > 0
             self.count = cnt.clamp_min(1.0)
         self._tokens: dict = {}
@@ -462,16 +470,29 @@ class RegionPlan:
         return A
 
 
-def expert_attention(q: torch.Tensor, kvs: Sequence[tuple[torch.Tensor, torch.Tensor]], heads: int) -> torch.Tensor:
+def stack_heads(kvs: Sequence[tuple[torch.Tensor, torch.Tensor]], heads: int, dtype=None):
+    """A projected contexts (k, v), (b, T, C) each, as two (A*b, heads, T, d) tensors for one batched attention
+    call; None when their shapes differ."""
+    if len({tuple(k.shape) for k, _ in kvs} | {tuple(v.shape) for _, v in kvs}) != 1:
+        return None
+    A, (b, T, C) = len(kvs), kvs[0][0].shape
+    kk = torch.stack([split_heads(k.to(dtype or k.dtype), heads) for k, _ in kvs]).reshape(A * b, heads, T, C // heads)
+    vv = torch.stack([split_heads(v.to(dtype or v.dtype), heads) for _, v in kvs]).reshape(A * b, heads, T, C // heads)
+    return kk, vv
+
+
+def expert_attention(q: torch.Tensor, kvs: Sequence[tuple[torch.Tensor, torch.Tensor]], heads: int,
+                     stacked=None) -> torch.Tensor:
     """Softmax attention of q (b, N, C) to each of A projected contexts (k, v), (b, T_a, C) each -> (A, b, N, C)
-    in q's dtype; one batched call when the contexts have one shape (per item the same bits as ``sdpa``)."""
-    if len({tuple(k.shape) for k, _ in kvs} | {tuple(v.shape) for _, v in kvs}) == 1:
-        A, (b, N, _C) = len(kvs), q.shape
+    in q's dtype; one batched call when the contexts have one shape (``stack_heads``, or ``stacked`` when already
+    made; per item the same bits as ``sdpa``)."""
+    stacked = stacked if stacked is not None else stack_heads(kvs, heads, q.dtype)
+    if stacked is not None:
+        kk, vv = stacked
+        A, (b, N, _C) = kk.shape[0] // q.shape[0], q.shape
         qh = split_heads(q, heads)
         H, d = qh.shape[1], qh.shape[-1]
         qq = qh.unsqueeze(0).expand(A, -1, -1, -1, -1).reshape(A * b, H, N, d)
-        kk = torch.stack([split_heads(k.to(q.dtype), heads) for k, _ in kvs]).reshape(A * b, H, -1, d)
-        vv = torch.stack([split_heads(v.to(q.dtype), heads) for _, v in kvs]).reshape(A * b, H, -1, d)
         out = F.scaled_dot_product_attention(qq, kk, vv)
         return out.view(A, b, H, N, d).transpose(2, 3).reshape(A, b, N, H * d)
     return torch.stack([sdpa(q, k, v, heads) for k, v in kvs])
@@ -489,7 +510,7 @@ def block_update(n_out: torch.Tensor, hidden: torch.Tensor, base_ctx: torch.Tens
                  rows: torch.Tensor, groups: Sequence[Sequence[int]], capture: bool,
                  region_masks: torch.Tensor | None, expert_ctx: Sequence[torch.Tensor],
                  route: Sequence[int], pww_weight: float, sigma: torch.Tensor | None,
-                 kv: Callable | None = None, plan: RegionPlan | None = None,
+                 kv: Callable | None = None, plan: RegionPlan | None = None, memo: Callable | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One cross-attention block of the space-expert layer, as a correction of its output.
 
@@ -501,9 +522,11 @@ def block_update(n_out: torch.Tensor, hidden: torch.Tensor, base_ctx: torch.Tens
     paint-with-words bias). Returns (new n_out, phrase maps (b, G, N) if captured,
     expert coverage (E,) fractions or None).
 
-    Optional, for speed, same result: ``kv(tag, ctx) -> (to_k(ctx), to_v(ctx))`` (tag "base" or the expert
-    index; e.g. a ``ProjectionCache`` lookup, so fixed prompts are projected once per run) and ``plan``, the
-    ``RegionPlan`` of region_masks shared by the blocks of one resolution.
+    Optional, for speed, same result: ``kv(tag, ctx) -> (to_k(ctx), to_v(ctx))`` (the base prompt's; e.g. a
+    ``ProjectionCache.kv`` lookup, so a fixed prompt is projected once per run), ``memo(tag, make) -> make()``
+    for what depends only on the experts' constant prompts and the block's weights (their keys/values, stacked
+    for the batched call; e.g. ``ProjectionCache.memo``) and ``plan``, the ``RegionPlan`` of region_masks shared
+    by the blocks of one resolution.
 
     The correction is additive: n_out + to_out(mixed) - to_out(base), so whatever other patches
     did to n_out stays. Rows not in ``rows`` are untouched; with nothing to mix or bias the input
@@ -540,9 +563,17 @@ def block_update(n_out: torch.Tensor, hidden: torch.Tensor, base_ctx: torch.Tens
     if mixing:
         if not plan.painted:
             return n_out if target is base else _apply_delta(n_out, rows, to_out, target, base), maps, None
-        kvs = [project(e, expert_ctx[e].to(device=q.device, dtype=q.dtype).expand(q.shape[0], -1, -1))
-               for e in plan.active]
+        remember = memo if memo is not None else (lambda tag, make: make())
+        b, spec = q.shape[0], (q.dtype, q.device)
+
+        def project_expert(e):  # (to_k, to_v) of expert e's prompt, expanded to the b rows
+            ec = expert_ctx[e].to(device=q.device, dtype=q.dtype).expand(b, -1, -1)
+            return to_k(ec), to_v(ec)
+
+        def expert_kv(e):
+            return remember(("expert", e, b, spec), lambda: project_expert(e))
         if biasing:
+            kvs = [expert_kv(e) for e in plan.active]
             # paint-with-words inside the expert's own attention: its region pulls on the expert
             # prompt's tokens (every position after BOS), so the weight acts where experts paint
             outs = []
@@ -554,7 +585,10 @@ def block_update(n_out: torch.Tensor, hidden: torch.Tensor, base_ctx: torch.Tens
                 outs.append(attend(el.softmax(dim=-1), ev, heads).to(q.dtype))
             outs = torch.stack(outs)
         else:
-            outs = expert_attention(q, kvs, heads)
+            stacked = remember(("stacked", tuple(plan.active), b, spec),
+                               lambda: stack_heads([project_expert(e) for e in plan.active], heads, q.dtype))
+            outs = expert_attention(q, [expert_kv(e) for e in plan.active] if stacked is None else [], heads,
+                                    stacked=stacked)
         target = mix_planned(background, outs, plan)
         coverage = plan.coverage
     if target is base:
@@ -565,5 +599,5 @@ def block_update(n_out: torch.Tensor, hidden: torch.Tensor, base_ctx: torch.Tens
 def _apply_delta(n_out, rows, to_out, target, base):
     delta = (to_out(target) - to_out(base)).to(n_out.dtype)
     out = n_out.clone()
-    out[rows] = out[rows] + delta
+    out.index_add_(0, rows, delta)  # out[rows] + delta, in place
     return out
