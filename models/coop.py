@@ -47,25 +47,25 @@ def _sig(sigma, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(sigma, dtype=_dtype(like), device=like.device).reshape(())
 
 
-def noise_coeffs(ms, sigma, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, s) with z_t = a·x0 + s·ε for this model_sampling at sigma (0-dim tensors)."""
+def _linear_coeffs(fn, sigma, like: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(sigma, 1, 0), fn(sigma, 0, 1)) as 0-dim tensors: the two coefficients of a model_sampling map that is
+    linear in its two tensor inputs (noise_scaling, calculate_denoised)."""
     like = torch.zeros(()) if like is None else like
     sig = _sig(sigma, like)
     one = torch.ones((1, 1), dtype=_dtype(like), device=like.device)
     zero = torch.zeros((1, 1), dtype=_dtype(like), device=like.device)
-    s = ms.noise_scaling(sig, one.clone(), zero.clone()).reshape(())
-    a = ms.noise_scaling(sig, zero.clone(), one.clone()).reshape(())
+    return fn(sig, one.clone(), zero.clone()).reshape(()), fn(sig, zero.clone(), one.clone()).reshape(())
+
+
+def noise_coeffs(ms, sigma, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, s) with z_t = a·x0 + s·ε for this model_sampling at sigma (0-dim tensors)."""
+    s, a = _linear_coeffs(ms.noise_scaling, sigma, like)  # noise_scaling(sigma, noise, latent_image)
     return a, s
 
 
 def denoise_coeffs(ms, sigma, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(c_x, c_out) with x0 = c_x·z_t + c_out·model_output."""
-    like = torch.zeros(()) if like is None else like
-    sig = _sig(sigma, like)
-    one = torch.ones((1, 1), dtype=_dtype(like), device=like.device)
-    zero = torch.zeros((1, 1), dtype=_dtype(like), device=like.device)
-    c_out = ms.calculate_denoised(sig, one.clone(), zero.clone()).reshape(())
-    c_x = ms.calculate_denoised(sig, zero.clone(), one.clone()).reshape(())
+    c_out, c_x = _linear_coeffs(ms.calculate_denoised, sigma, like)  # calculate_denoised(sigma, output, input)
     return c_x, c_out
 
 
