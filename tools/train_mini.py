@@ -298,6 +298,20 @@ def set_lr(opt, lr: float, step: int, total: int, warmup: int, schedule: str = "
         g["lr"] = lr * f
 
 
+def resume_phase(ckpt: Checkpoint, phase: str, opt, curve: list, restore, logger: logging.Logger = log):
+    """Continue a phase from its checkpoint: ``restore(tensors)`` puts the weights back, ``opt`` gets its state,
+    ``curve`` the saved loss curve. Returns (the step to start from, the seconds already spent); (0, 0.0) when the
+    phase has no checkpoint yet."""
+    got = ckpt.load(phase, opt)
+    if not got:
+        return 0, 0.0
+    info, tensors = got
+    restore(tensors)
+    curve[:] = info.get("curve", [])
+    logger.info("%s: resumed at step %d", phase, info["step"])
+    return info["step"], info.get("seconds", 0.0)
+
+
 class EmaWeights:
     """A phase's trainable parameters (by their names in the checkpoint) and their exponential moving average:
     resumed from and saved to one checkpoint phase (the parameters under their names, the average under
@@ -309,19 +323,14 @@ class EmaWeights:
         self.ema = {k: p.detach().clone() for k, p in named.items()}
 
     def resume(self, ckpt: Checkpoint, phase: str, opt, curve: list) -> tuple[int, float]:
-        """(the step to start from, the seconds already spent): (0, 0.0) without a checkpoint of the phase;
-        ``curve`` gets the saved loss curve."""
-        got = ckpt.load(phase, opt)
-        if not got:
-            return 0, 0.0
-        info, tensors = got
+        """resume_phase for the parameters and their average."""
+        return resume_phase(ckpt, phase, opt, curve, self._restore, self.log)
+
+    def _restore(self, tensors: dict) -> None:
         with torch.no_grad():
             for k, p in self.named.items():
                 p.copy_(tensors[k])
                 self.ema[k] = tensors["ema." + k].clone()
-        curve[:] = info.get("curve", [])
-        self.log.info("%s: resumed at step %d", phase, info["step"])
-        return info["step"], info.get("seconds", 0.0)
 
     def update(self, step: int) -> None:
         decay = min(EMA_DECAY, (1 + step) / (10 + step))
@@ -379,15 +388,7 @@ def train_vae(taesd, images: np.ndarray, seed: int, steps: int, batch: int, ckpt
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=VAE_LR, weight_decay=0.0, fused=True)
-    start, prev = 0, 0.0
-    if resume and ckpt:
-        got = ckpt.load("vae", opt)
-        if got:
-            info, tensors = got
-            taesd.load_state_dict(tensors)
-            start, curve[:] = info["step"], info.get("curve", [])
-            prev = info.get("seconds", 0.0)
-            log.info("vae: resumed at step %d", start)
+    start, prev = resume_phase(ckpt, "vae", opt, curve, taesd.load_state_dict) if resume and ckpt else (0, 0.0)
     n, px = images.shape[0], images.shape[1]
     cells = (px - CROP) // 8 + 1
     t0 = time.time() - prev

@@ -112,14 +112,8 @@ def train_clip(model, pixels, text_tokens, caption_ids, seed, steps, batch, ckpt
         p.requires_grad_(True)
     model.train()
     opt = torch.optim.AdamW(params, lr=CLIP_LR, weight_decay=0.01)
-    start, prev = 0, 0.0
-    if resume and ckpt:
-        got = ckpt.load("open_clip", opt)
-        if got:
-            info, tensors = got
-            model.load_state_dict(tensors)
-            start, curve[:], prev = info["step"], info.get("curve", []), info.get("seconds", 0.0)
-            log.info("open_clip: resumed at step %d", start)
+    start, prev = tm.resume_phase(ckpt, "open_clip", opt, curve, model.load_state_dict, log) if resume and ckpt \
+        else (0, 0.0)
     n = pixels.shape[0]
     t0 = time.time() - prev
     avg = None
