@@ -161,6 +161,11 @@ def test_redux_workflow_runs_in_tiny_mode(comfy, run_graph):
             "AtelierKNNTinyOpenCLIPLoader", "StyleModelApply"} <= set(kinds)
     assert not {"StyleModelLoader", "CLIPVisionLoader", "UNETLoader"} & set(kinds)
     assert kinds["AtelierTinyCLIPVisionLoader"]["inputs"]["kind"] == "siglip"
+    mini = comfy.to_prompt(wf, tiny=True, mini=True)  # Mini has no Redux / SigLIP / Flux: tiny ones, said in titles
+    titles = [n["_meta"]["title"] for n in mini.values()
+              if n["class_type"] in ("AtelierTinyReduxLoader", "AtelierTinyCLIPVisionLoader")]
+    assert len(titles) == 2 and all(t.endswith("(Atelier Mini has none)") for t in titles)
+    assert any(n["class_type"] == "AtelierMiniKNNOpenCLIPLoader" for n in mini.values())
     for node in prompt.values():
         if node["class_type"] == "AtelierWorldFolder":
             node["inputs"].update(count=4, size=64)
