@@ -44,25 +44,69 @@ PE_DIM = 32  # sinusoidal timestep encoding width
 HEAD_HIDDEN = 96  # DenoisedEdgeHead width
 HEAD_DEPTH = 3
 
-#: (block kind, block index, sub-layer index or None) per family.
-LAYERS: dict[str, tuple[tuple[str, int, int | None], ...]] = {
+#: UNets: (block kind, block index, sub-layer index or None) per family. DiTs: (block kind, relative depth), the
+#: block at round(depth * (n - 1)) of the model's n blocks of that kind (nodes/dit_hooks.py: kinds, token layout).
+LAYERS: dict[str, tuple[tuple, ...]] = {
     "sd15": (("input", 2, None), ("input", 4, None), ("input", 8, None),
              ("middle", 0, 0), ("middle", 0, 1), ("middle", 0, 2),
              ("output", 2, None), ("output", 4, None), ("output", 8, None)),
     "sdxl": (("input", 2, None), ("input", 5, None), ("input", 8, None),
              ("middle", 0, 0), ("middle", 0, 1), ("middle", 0, 2),
              ("output", 2, None), ("output", 4, None), ("output", 8, None)),
+    # A DiT has one resolution, so the paper's spread over resolutions becomes a spread over depth.
+    # PixArt (28 blocks in PixArt-Σ: 7, 14, 20, 27): a quarter, half, three quarters and the last block.
+    "pixart": (("block", 0.25), ("block", 0.5), ("block", 0.75), ("block", 1.0)),
+    # Flux (19 double-stream + 38 single-stream blocks: double 9, 18; single 9, 19, 28): the middle and the end of
+    # the double stream (image tokens on their own) and the first three quarters of the single stream (image
+    # tokens after the text tokens); its last quarter mostly renders the output, as the paper leaves out SD1.5's
+    # last full-resolution decoder blocks.
+    "flux": (("double", 0.5), ("double", 1.0), ("single", 0.25), ("single", 0.5), ("single", 0.75)),
+    # SD3 (24 joint blocks in SD3.5 medium, 38 in large): a quarter, half, three quarters and the last block.
+    "sd3": (("joint", 0.25), ("joint", 0.5), ("joint", 0.75), ("joint", 1.0)),
 }
+
+
+
+def every_block(kind: str, n: int) -> tuple[tuple, ...]:
+    """Layer specs for every one of ``n`` DiT blocks of ``kind`` (the widest alternative to a spread)."""
+    return tuple((kind, i / max(1, n - 1)) for i in range(n))
 
 
 class LEPError(AtelierError):
     """Bad input for the sketch/LEP code; the message names the input and the fix."""
 
 
-def layer_names(family: str) -> list[str]:
-    if family not in LAYERS:
-        raise LEPError(f"family: no LEP layer map for {family!r}; supported: {sorted(LAYERS)}")
-    return [f"{k}.{b}" + ("" if s is None else f".{s}") for k, b, s in LAYERS[family]]
+def is_dit_spec(spec) -> bool:
+    return len(spec) == 2 and isinstance(spec[1], float)
+
+
+def spec_name(spec) -> str:
+    if is_dit_spec(spec):
+        return f"{spec[0]}@{spec[1]:g}"
+    k, b, s = spec
+    return f"{k}.{b}" + ("" if s is None else f".{s}")
+
+
+def layer_names(family: str, layers=None) -> list[str]:
+    """The layer names a predictor records (``input.2``, ``middle.0.1``; DiT ``double@0.5``)."""
+    if layers is None:
+        if family not in LAYERS:
+            raise LEPError(f"family: no LEP layer map for {family!r}; supported: {sorted(LAYERS)}")
+        layers = LAYERS[family]
+    return [spec_name(s) for s in layers]
+
+
+def parse_layer_names(names: Sequence[str]) -> tuple[tuple, ...]:
+    """Recorded names back to layer specs (the inverse of :func:`layer_names`)."""
+    out = []
+    for n in names:
+        if "@" in n:
+            k, pos = n.split("@", 1)
+            out.append((k, float(pos)))
+        else:
+            parts = n.split(".")
+            out.append((parts[0], int(parts[1]), int(parts[2]) if len(parts) > 2 else None))
+    return tuple(out)
 
 
 def resolve_modules(unet: nn.Module, family: str) -> list[nn.Module]:
@@ -179,7 +223,7 @@ class LatentEdgePredictor(nn.Module):
     def __init__(self, in_channels: int, hidden: Sequence[int] = HIDDEN, out_channels: int = OUT_CHANNELS,
                  pe_dim: int = PE_DIM):
         super().__init__()
-        self.in_channels, self.pe_dim = int(in_channels), int(pe_dim)
+        self.in_channels, self.pe_dim, self.out_channels = int(in_channels), int(pe_dim), int(out_channels)
         self.hidden = tuple(int(h) for h in hidden)
         layers: list[nn.Module] = []
         c = self.in_channels + self.pe_dim
@@ -207,6 +251,7 @@ class DenoisedEdgeHead(nn.Module):
                  out_channels: int = OUT_CHANNELS, pe_dim: int = PE_DIM):
         super().__init__()
         self.in_channels, self.hidden, self.depth, self.pe_dim = int(in_channels), int(hidden), int(depth), int(pe_dim)
+        self.out_channels = int(out_channels)
         layers: list[nn.Module] = []
         c = self.in_channels + self.pe_dim
         for _ in range(self.depth):

@@ -57,8 +57,9 @@ class LEPTraining:
             probe, probe_x0 = features([0], torch.tensor([500]), self.noise)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
-                self.lep = L.LatentEdgePredictor(probe.shape[1]).to(device)
-                self.head = L.DenoisedEdgeHead(probe_x0.shape[1]).to(device)
+                out = int(targets.shape[1])      # the family's latent channels (4; 16 for Flux and SD3)
+                self.lep = L.LatentEdgePredictor(probe.shape[1], out_channels=out).to(device)
+                self.head = L.DenoisedEdgeHead(probe_x0.shape[1], out_channels=out).to(device)
             self.opt = torch.optim.Adam(self.lep.parameters(), lr=learning_rate)
             self.opt_head = torch.optim.Adam(self.head.parameters(), lr=learning_rate)
         self.channels = int(probe.shape[1])

@@ -123,7 +123,8 @@ class Family:
     #: ``diffusion_model.blocks[i].cross_attn``); "mmdit-joint" (Flux, SD3: text and image tokens in one
     #: joint attention, Flux double/single blocks, SD3 joint_blocks); None: not supported yet
     attention: str | None = None
-    #: the denoiser layers whose activations feed the latent edge predictor (models/lep.LAYERS), or ()
+    #: the denoiser layers whose activations feed the latent edge predictor (models/lep.LAYERS: UNet blocks, or
+    #: DiT blocks by relative depth, nodes/dit_hooks.py), or ()
     lep_layers: tuple = ()
     #: ComfyUI model classes (``comfy.model_base``) that tell this family from another one sharing its latent
     #: format (PixArt-Σ draws in SDXL's latent space); () matches any model of the latent format
@@ -144,10 +145,12 @@ FAMILIES: dict[str, Family] = {
                    LEP_LAYERS["sd15"]),
     "sdxl": Family("sdxl", comfy.latent_formats.SDXL, 4, {0.13025: "TAESDXL"}, "SDXL", 1024, "unet-cross",
                    LEP_LAYERS["sdxl"]),
-    "pixart": Family("pixart", comfy.latent_formats.SDXL, 4, {}, "PixArt-Σ", 1024, "dit-cross", (),
+    "pixart": Family("pixart", comfy.latent_formats.SDXL, 4, {}, "PixArt-Σ", 1024, "dit-cross", LEP_LAYERS["pixart"],
                      (comfy.model_base.PixArt,)),
-    "sd3": Family("sd3", comfy.latent_formats.SD3, 16, {1.5305: "TAESD3"}, "SD3", 1024, "mmdit-joint", ()),
-    "flux": Family("flux", comfy.latent_formats.Flux, 16, {0.3611: "TAEF1"}, "Flux", 1024, "mmdit-joint", ()),
+    "sd3": Family("sd3", comfy.latent_formats.SD3, 16, {1.5305: "TAESD3"}, "SD3", 1024, "mmdit-joint",
+                  LEP_LAYERS["sd3"]),
+    "flux": Family("flux", comfy.latent_formats.Flux, 16, {0.3611: "TAEF1"}, "Flux", 1024, "mmdit-joint",
+                   LEP_LAYERS["flux"]),
 }
 
 

@@ -57,7 +57,7 @@ from comfy_api.latest import io
 from ..models import lep as L
 from ..models import lep_train as T
 from ..models.knn_common import atomic_write_bytes
-from . import glue
+from . import dit_hooks, glue
 from .glue import family_of
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class LEPModel:
     def fresh_copy(self, device) -> L.LatentEdgePredictor:
         """The LEP as ordinary tensors (the paper form)."""
         p = self.module
-        return self._ordinary_copy(p, lambda: L.LatentEdgePredictor(p.in_channels, p.hidden, L.OUT_CHANNELS,
+        return self._ordinary_copy(p, lambda: L.LatentEdgePredictor(p.in_channels, p.hidden, p.out_channels,
                                                                    p.pe_dim), device)
 
     def fresh_head(self, device) -> L.DenoisedEdgeHead:
@@ -108,7 +108,7 @@ class LEPModel:
             raise L.LEPError("form: this LEP file has no denoised-latent head (it was trained before the fast form "
                              "existed); retrain it with Atelier Train Latent Edge Predictor or use form 'paper'")
         h = self.head
-        return self._ordinary_copy(h, lambda: L.DenoisedEdgeHead(h.in_channels, h.hidden, h.depth, L.OUT_CHANNELS,
+        return self._ordinary_copy(h, lambda: L.DenoisedEdgeHead(h.in_channels, h.hidden, h.depth, h.out_channels,
                                                                  h.pe_dim), device)
 
 
@@ -143,10 +143,65 @@ def load_lep(path: str, input_name: str = "lep_name") -> LEPModel:
     return LEPModel(module, meta, head)
 
 
+def supported_labels() -> str:
+    """The families the LEP reads (rows of glue.FAMILIES with lep_layers)."""
+    return ", ".join(f.label for f in glue.FAMILIES.values() if f.lep_layers)
+
+
+def lep_layers(model, names=None) -> tuple:
+    """The layers the LEP reads on ``model``: its family row's (glue.FAMILIES lep_layers), or those a trained
+    predictor recorded (``names``, its metadata); LEPError when the family has none."""
+    row = glue.family_row(model)
+    if row is None or not row.lep_layers:
+        raise L.LEPError(f"model: sketch guidance supports {supported_labels()}; this model "
+                         f"({row.label if row else type(model.model.latent_format).__name__}) is not one of them")
+    return L.parse_layer_names(names) if names else tuple(row.lep_layers)
+
+
+def is_dit(family: str) -> bool:
+    return family in dit_hooks.BLOCK_LISTS
+
+
+def feature_capture(dm, family: str, layers, latent_hw, stop_grad_after_last: bool = False):
+    """Forward hooks on the LEP's layers for one model call; ``take()`` gives the activations (UNet: at their own
+    resolutions; DiT: the image tokens of each block laid back on the latent grid, dit_hooks.token_grid)."""
+    if is_dit(family):
+        try:
+            picks = [(k, dit_hooks.block_index(len(dit_hooks.blocks(dm, family, k)), pos)) for k, pos in layers]
+        except ValueError as e:
+            raise L.LEPError(str(e)) from None
+        return dit_hooks.BlockOutputs(dm, family, picks, latent_hw, stop_grad_after_last)
+    return L.FeatureCapture(dm, family, stop_grad_after_last)
+
+
+def dit_channels(dm, layers) -> int:
+    """A DiT LEP's input width: its blocks' token width (the model's hidden size) per layer read."""
+    return int(dm.hidden_size) * len(layers)
+
+
+def _is_flow(model_sampling) -> bool:
+    import comfy.model_sampling as cms
+    return isinstance(model_sampling, cms.CONST)
+
+
+def lep_timestep(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
+    """The noise level as the LEP's timestep (0..999): the model's own discrete timestep (SD1.5, SDXL, PixArt), or
+    1000 * sigma / sigma_max on a flow model (Flux, SD3: the convention time experts use; shift-independent)."""
+    if _is_flow(model_sampling):
+        return sigma.float() * (1000.0 / float(model_sampling.sigma_max))
+    return model_sampling.timestep(sigma).float()
+
+
+def lep_sigma(model_sampling, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`lep_timestep`: training timesteps 0..999 to the model's sigmas."""
+    if _is_flow(model_sampling):
+        return t.float() * (float(model_sampling.sigma_max) / 1000.0)
+    return model_sampling.sigma(t.float())
+
+
 def check_family(model, lep: LEPModel) -> str:
     fam = family_of(model)
-    if fam is None:
-        raise L.LEPError("model: sketch guidance supports SD1.5 and SDXL UNets; this model has another latent format")
+    lep_layers(model)
     if lep.family != fam:
         raise L.LEPError(f"lep: this predictor was trained on a {lep.family} model, the model here is {fam}; "
                          f"load an LEP trained on {fam} (or train one with Atelier Train Latent Edge Predictor)")
@@ -345,7 +400,8 @@ def load_square(path: Path, size: int) -> torch.Tensor:
 
 
 def encode_text(base, clip, caption: str, x: torch.Tensor) -> dict:
-    """Model kwargs (c_crossattn, y for SDXL) for one caption, built by the model's own extra_conds."""
+    """Model kwargs for one caption, built by the model's own extra_conds: c_crossattn, y (SDXL, SD3, Flux's pooled
+    vector), guidance (Flux dev: FluxGuidance's default 3.5), c_size/c_ar (PixArt's micro-conditioning)."""
     cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
     c, extra = cond[0][0], dict(cond[0][1])
     h, w = x.shape[-2] * 8, x.shape[-1] * 8
@@ -353,7 +409,7 @@ def encode_text(base, clip, caption: str, x: torch.Tensor) -> dict:
                            target_height=h, **{k: v for k, v in extra.items() if k == "pooled_output"})
     kw = {}
     for k, v in out.items():
-        if k in ("c_crossattn", "y"):
+        if k in ("c_crossattn", "y", "guidance", "c_size", "c_ar"):
             kw[k] = v.cond
     return kw
 
@@ -514,6 +570,8 @@ def check_resume(resume_path: str, ident: dict, resume: bool, overwrite: bool) -
 def feature_channels(model, clip, fam: str, dev) -> int:
     """The LEP's input width for this model: the channels of its 9 layers, from one small forward."""
     base = model.model
+    if is_dit(fam):
+        return dit_channels(base.diffusion_model, lep_layers(model))
     x = torch.zeros(1, base.latent_format.latent_channels, 16, 16, device=dev)
     kw = encode_text(base, clip, "", x)
     to = dict(model.model_options.get("transformer_options", {}))
@@ -550,14 +608,14 @@ def check_training_memory(channels, batch_size, resolution, images, dev) -> None
 def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch_size: int = 16,
               learning_rate: float = 1e-4, resolution: int = 512, edge_method: str = "canny", seed: int = 0,
               resume: bool = True, save_every: int = 500, progress=None,
-              overwrite: bool = False) -> tuple[LEPModel, dict]:
+              overwrite: bool = False, layer_names: list[str] | None = None) -> tuple[LEPModel, dict]:
     """Train an LEP for ``model``; returns the predictor and a report (losses, paths, skipped files, notes).
-    A name holding another training's file is refused unless ``overwrite``; Cancel acts within one UNet block."""
+    A name holding another training's file is refused unless ``overwrite``; Cancel acts within one UNet block.
+    ``layer_names``: other layers than the family row's (bench/bench_sketch.py measures DiT alternatives)."""
     if not NAME_RE.match(name or ""):
         raise L.LEPError(f"name: {name!r}; use letters, digits, '_', '-', '.' (it becomes <name>.safetensors)")
     fam = family_of(model)
-    if fam not in L.LAYERS:
-        raise L.LEPError("model: LEP training supports SD1.5 and SDXL UNets")
+    layers = lep_layers(model, layer_names)
     glue.check_vae(model, vae, "model", "vae")
     root = glue.resolve_user_folder(folder, "folder", example="lep_training")
     skipped: list[tuple[str, str]] = []
@@ -574,7 +632,10 @@ def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch
     mm.load_models_gpu([model])
     base = model.model
     dev = mm.get_torch_device()
-    ident = {"family": fam, "layers": L.layer_names(fam), "channels": feature_channels(model, clip, fam, dev),
+    names = L.layer_names(fam, layers)
+    channels = (dit_channels(base.diffusion_model, layers) if is_dit(fam)
+                else feature_channels(model, clip, fam, dev))
+    ident = {"family": fam, "layers": names, "channels": channels,
              "folder": folder_identity(root), "resolution": resolution}
     wanted = {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "edge_method": edge_method,
               "seed": seed}
@@ -630,25 +691,30 @@ def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch
     x0_all, e_all = torch.cat(img_lat), torch.cat(edge_lat)
     hw = tuple(x0_all.shape[-2:])
 
+    def shapes(i):
+        return tuple((k, tuple(v.shape)) for k, v in sorted(conds[caps[i]].items()))
+
     def features(idx: list[int], t: torch.Tensor, gen: torch.Generator):
         x0 = x0_all[idx].to(dev)
-        sigma = base.model_sampling.sigma(t.to(dev).float())
+        sigma = lep_sigma(base.model_sampling, t.to(dev))
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         z = base.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
-        kw = {k: torch.cat([conds[caps[i]][k].to(dev) for i in idx]) for k in conds[caps[idx[0]]]}
         to = dict(model.model_options.get("transformer_options", {}))
         n = len(idx)
-        size = n if n <= FEATURE_CHUNK else FEATURE_CHUNK
+        # captions whose text tokens differ in length (PixArt's T5 tokens are not padded) cannot share a batch
+        same = len({shapes(i) for i in idx}) == 1
+        size = (n if n <= FEATURE_CHUNK else FEATURE_CHUNK) if same else 1
         feats, dens = [], []
         with torch.no_grad(), glue.interruptible(base.diffusion_model, depth=3), \
-                L.FeatureCapture(base.diffusion_model, fam) as cap:
+                feature_capture(base.diffusion_model, fam, layers, hw) as cap:
             for a in range(0, n, size):
                 glue.check_interrupt()
+                part = idx[a:a + size]
+                kw = {k: torch.cat([conds[caps[i]][k].to(dev) for i in part]) for k in conds[caps[part[0]]]}
                 if size == n:
                     denoised = base.apply_model(z, sigma, transformer_options=to, **kw)
                 else:
-                    denoised = base.apply_model(z[a:a + size], sigma[a:a + size], transformer_options=to,
-                                                **{k: v[a:a + size] for k, v in kw.items()})
+                    denoised = base.apply_model(z[a:a + size], sigma[a:a + size], transformer_options=to, **kw)
                 feats.append(L.concat_features(cap.take(), hw))
                 dens.append(denoised)
         with torch.inference_mode(False):
@@ -661,7 +727,7 @@ def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch
         _load_resume(resume_path, run)
         log.info("[Atelier] LEP %s: resuming at step %d", name, run.step)
     start = run.step
-    meta = {"atelier": "lep", "family": fam, "layers": json.dumps(L.layer_names(fam)), "channels": run.channels,
+    meta = {"atelier": "lep", "family": fam, "layers": json.dumps(names), "channels": run.channels,
             "pe_dim": L.PE_DIM, "hidden": json.dumps(list(L.HIDDEN)), "resolution": resolution,
             "edge_method": edge_method, "images": len(items), "batch_size": batch_size, "learning_rate": learning_rate,
             "head": json.dumps({"hidden": L.HEAD_HIDDEN, "depth": L.HEAD_DEPTH, "input": "denoised latent"}),
@@ -678,7 +744,7 @@ def train_lep(model, clip, vae, folder: str, name: str, steps: int = 3000, batch
     with torch.inference_mode(False):
         module = L.lep_from_tensors(L.state_to_tensors(lep), meta)
         head_copy = L.head_from_tensors(L.state_to_tensors(head), meta)
-    meta["layers"] = L.layer_names(fam)
+    meta["layers"] = names
     return LEPModel(module, meta, head_copy), {"path": final_path, "losses": losses, "final_loss": final,
                                                 "head_losses": head_losses, "final_head_loss": final_head,
                                                 "start": start, "notes": notes, "skipped_files": skipped}
@@ -719,7 +785,7 @@ class AtelierTrainLEP(io.ComfyNode):
                         "Saves models/atelier/lep/<name>.safetensors with metadata; Cancel keeps a "
                         "resumable checkpoint every save_every steps, and running again resumes.",
             inputs=[
-                io.Model.Input("model", tooltip="The model the predictor will guide (SD1.5 or SDXL family)."),
+                io.Model.Input("model", tooltip="The model the predictor will guide (SD1.5, SDXL, PixArt-Σ, SD3 or Flux)."),
                 io.Clip.Input("clip", tooltip="Its text encoder, for the captions."),
                 io.Vae.Input("vae", tooltip="Its VAE, to encode images and edge maps."),
                 io.String.Input("folder", default="lep_training",
@@ -823,6 +889,7 @@ class GuidanceState:
                  form: str = "paper"):
         self.lep, self.target, self.beta, self.form = lep, target, float(beta), form
         self.window, self.family = window, family
+        self.layers: tuple = ()      # the LEP's layers on this model (patch_model sets them)
         self.stats = {"fresh": 0, "reused": 0, "losses": [], "runs": []}
         self.counter = glue.StepCounter()
         self.reset()
@@ -917,11 +984,12 @@ def make_apply_model_wrapper(state: GuidanceState):
             xg = x.detach().clone().requires_grad_(True)
             args = (executor, xg, t.clone(), _clone_tree(c_concat), _clone_tree(c_crossattn), _clone_tree(control),
                     transformer_options)
-            with L.FeatureCapture(unet, state.family, stop_grad_after_last=True) as cap:
+            with feature_capture(unet, state.family, state.layers, tuple(x.shape[-2:]),
+                                 stop_grad_after_last=True) as cap:
                 out = torch.func.functional_call(_SwapParams(unet), params, args, _clone_tree(kwargs), strict=False)
                 feats = cap.take()
             f = L.concat_features([ft[rows] for ft in feats], tuple(x.shape[-2:]))
-            ts = base.model_sampling.timestep(t.clone()).float()[rows]
+            ts = lep_timestep(base.model_sampling, t.clone())[rows]
             pred = state.lep_run(f, ts)
             loss = L.lep_loss(pred, _target_for(state, x))
             grad = torch.autograd.grad(loss.sum(), xg)[0][rows]
@@ -940,7 +1008,7 @@ def fast_gradient(state: GuidanceState, model, cond_denoised: torch.Tensor, sigm
         if state.head_run is None:
             state.head_run = state.lep.fresh_head(cond_denoised.device)
         d = cond_denoised.detach().float().clone().requires_grad_(True)
-        ts = model.model_sampling.timestep(sigma.detach().clone()).float().reshape(-1)[:1].expand(d.shape[0])
+        ts = lep_timestep(model.model_sampling, sigma.detach().clone()).reshape(-1)[:1].expand(d.shape[0])
         loss = L.lep_loss(state.head_run(d, ts), _target_for(state, d))
         grad = torch.autograd.grad(loss.sum(), d)[0]
     state.stats["fresh"] += 1
@@ -1010,6 +1078,15 @@ def patch_model(model, lep: LEPModel, vae, sketch, beta=1.6, start_percent=0.0, 
     with torch.inference_mode(False):
         target = target.clone()
     state = GuidanceState(lep, target, beta, window, fam, form)
+    state.layers = lep_layers(model, lep.meta.get("layers"))
+    if is_dit(fam) and form == "paper":
+        dm = model.model.diffusion_model
+        have = dit_channels(dm, state.layers)
+        if have != lep.module.in_channels:
+            raise L.LEPError(f"lep: this predictor reads {lep.module.in_channels} feature channels, this "
+                             f"{glue.FAMILIES[fam].label} model's blocks give {have} ({len(state.layers)} blocks x "
+                             f"width {int(dm.hidden_size)}): it was trained on another size of {glue.FAMILIES[fam].label}"
+                             "; train an LEP on this model with Atelier Train Latent Edge Predictor")
     m = model.clone()
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, HOOK_KEY, make_apply_model_wrapper(state))
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, HOOK_KEY, make_outer_sample_wrapper(state))
@@ -1034,7 +1111,7 @@ class AtelierSketchGuidance(io.ComfyNode):
                         "about the cost of plain sampling). grad_every 2 or more (paper form) reuses the last "
                         "gradient direction in between.",
             inputs=[
-                io.Model.Input("model", tooltip="The model to guide (SD1.5 or SDXL); the input is not modified."),
+                io.Model.Input("model", tooltip="The model to guide (SD1.5, SDXL, PixArt-Σ, SD3 or Flux); the input is not modified."),
                 LEP.Input("lep", tooltip="A latent edge predictor trained on this model's family."),
                 io.Vae.Input("vae", tooltip="The model's VAE, to encode the sketch."),
                 io.Image.Input("sketch", tooltip="Black strokes on white or white on black (detected); best at the "

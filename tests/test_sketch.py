@@ -23,7 +23,7 @@ def test_layer_map_is_the_papers_for_sd15():
                                        "output.2", "output.4", "output.8"]
     assert len(lep.layer_names("sdxl")) == 9
     with pytest.raises(lep.LEPError, match="family"):
-        lep.layer_names("flux")
+        lep.layer_names("cascade")
 
 
 def test_mlp_shape_and_per_pixel_independence():
