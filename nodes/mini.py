@@ -45,14 +45,31 @@ class MiniPixArtSigma(comfy.supported_models.PixArtSigma):
         "pe_interpolation": None, "pred_sigma": False, "learn_sigma": False,
     }
     unet_extra_config = {}
+    #: what the network predicts: "eps" (as PixArt-Σ) or "v" (ComfyUI's V_PREDICTION on the same
+    #: schedule). Mini-DiT is trained for v: on PixArt's schedule (sigma_max 157) an eps model's error
+    #: is multiplied by sigma in its clean estimate (x0 = x - sigma * eps), so an eps error of 0.02 at
+    #: the first steps paints blobs 3 std tall all over the latent; a v model's error is not.
+    prediction = "eps"
+
+    def get_model(self, state_dict, prefix="", device=None):  # core PixArtAlpha.get_model is EPS only
+        import comfy.model_base as mb
+        kind = mb.ModelType.V_PREDICTION if self.prediction == "v" else mb.ModelType.EPS
+        return mb.PixArt(self, model_type=kind, device=device).eval()
 
 
-def build_model(family: str, seed: int = 0):
-    """The MODEL a Mini file of ``family`` loads into (seeded random weights until it does)."""
+PREDICTIONS = ("eps", "v")
+
+
+def build_model(family: str, seed: int = 0, prediction: str = "v"):
+    """The MODEL a Mini file of ``family`` loads into (seeded random weights until it does); pixart:
+    ``prediction`` "eps" or "v" (the file's ``param`` metadata)."""
     if family != "pixart":
         return tiny_family.build_model(family, seed)
+    if prediction not in PREDICTIONS:
+        raise MiniWeightsError(f"Atelier Mini pixart: unknown prediction {prediction!r}; one of {list(PREDICTIONS)}.")
     from ..models.seeded_init import seeded_init_
     cfg = MiniPixArtSigma(MiniPixArtSigma.unet_config)
+    cfg.prediction = prediction
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({})
     seeded_init_(model.diffusion_model, seed)
@@ -113,7 +130,7 @@ def load_mini(family: str, path: str | Path | None = None):
     if family not in FAMILIES:
         raise MiniWeightsError(f"Atelier Mini: unknown family {family!r}; choose one of {list(FAMILIES)}.")
     parts, meta = read_weights(family, path)
-    model = build_model(family, 0)
+    model = build_model(family, 0, meta.get("param") or "eps") if family == "pixart" else build_model(family, 0)
     clip = build_clip(family, 0)
     try:
         model.model.diffusion_model.load_state_dict(parts["unet"], strict=True)

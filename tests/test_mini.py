@@ -90,6 +90,24 @@ def test_pixart_file_corrupt_or_of_another_family_is_refused(mini, tmp_path):
         mini.load_mini("pixart", mini.weights_path("sdxl"))
 
 
+def test_mini_pixart_predicts_v_and_its_clean_estimate_at_pure_noise_is_in_the_data_range(mini):
+    """The shipped Mini-DiT is a V_PREDICTION model (its file says so; an eps file still loads as EPS). On
+    PixArt-Σ's schedule (sigma_max 157) the eps weights' clean estimate at the first sampler step was 3x the
+    data's std (x0 = x - 157 * eps: blobs painted all over); the v model's stays near the data (std ~1)."""
+    import comfy.model_sampling as cms
+    model, clip, _vae = mini.load_mini("pixart")
+    assert mini.read_weights("pixart")[1]["param"] == "v"
+    ms = model.model.model_sampling
+    assert isinstance(ms, cms.V_PREDICTION)
+    assert isinstance(mini.build_model("pixart", 0, "eps").model.model_sampling, cms.EPS)
+    sigma = ms.sigma_max.view(1)
+    x = torch.randn(2, 4, 36, 36, generator=torch.Generator().manual_seed(0)) * sigma
+    ctx = clip.encode_from_tokens(clip.tokenize("a red circle left of a blue square"))
+    with torch.no_grad():
+        x0 = torch.cat([model.model.apply_model(x[i:i + 1], sigma, c_crossattn=ctx) for i in range(2)])
+    assert 0.2 < x0.std().item() < 1.5 and x0.abs().max().item() < 6, (x0.std().item(), x0.abs().max().item())
+
+
 def test_mini_pixart_shares_mini_sdxl_latent_space(mini):
     """The DiT draws with Mini sdxl's VAE (same weights), so a PixArt <-> SDXL handoff needs no re-encode."""
     _m, _c, vae_p = mini.load_mini("pixart")

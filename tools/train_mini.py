@@ -45,9 +45,10 @@ DEFAULTS = {  # per family: native px, data size, batch sizes, learning rate
     "sdxl": {"px": 128, "data": 6000, "batch": 32, "vae_batch": 32, "lr": 5e-4},
     # a DiT (nodes/mini.MiniPixArtSigma): 288 px (ComfyUI's PixArt needs latents >= 33 px), objects drawn
     # at their 160-px pixel size (the VAE was trained on 128 px), latents through Mini sdxl's shipped VAE
-    # (a shared latent space), eps as ComfyUI's PixArt-Σ samples
+    # (a shared latent space); v-prediction (ComfyUI's V_PREDICTION on PixArt-Σ's schedule), not PixArt-Σ's eps:
+    # at sigma_max 157 an eps model's error is multiplied by sigma in its clean estimate (nodes/mini.py)
     "pixart": {"px": 288, "scene_px": 160, "data": 1200, "batch": 16, "vae_batch": 0, "lr": 5e-4,
-               "vae_weights": "atelier_mini_sdxl.safetensors", "param": "eps"},
+               "vae_weights": "atelier_mini_sdxl.safetensors", "param": "v"},
 }
 PARAMS = ("eps", "v", "flow")
 CROP = 32
@@ -332,6 +333,14 @@ class EmaWeights:
                 p.copy_(tensors[k])
                 self.ema[k] = tensors["ema." + k].clone()
 
+    def step(self, opt, loss: torch.Tensor, step: int) -> None:
+        """One optimizer step on ``loss`` (the gradient clipped to norm 1), then the average's update."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.named.values()), 1.0)
+        opt.step()
+        self.update(step)
+
     def update(self, step: int) -> None:
         decay = min(EMA_DECAY, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -582,9 +591,10 @@ def trainable(base, cond_model) -> dict[str, torch.nn.Parameter]:
 
 def train_unet(base, cond_model, family: str, px: int, x0_all, toks, empty, seed: int, steps: int,
                batch: int, lr: float, ckpt: Checkpoint | None, every: int, resume: bool, curve: list,
-               log_every: int = 100, anneal: int = 0, batch_loss=None):
+               log_every: int = 100, anneal: int = 0, batch_loss=None, init_from: str | Path | None = None):
     """``batch_loss(g)``: the step's loss from the step's generator (a DiT family's); default: the
-    UNet families' eps loss on fixed-length CLIP tokens."""
+    UNet families' eps loss on fixed-length CLIP tokens. ``init_from``: a unet checkpoint whose EMA
+    weights a fresh run starts from (step 0, fresh optimizer; ignored when resuming)."""
     from tqdm import tqdm
     make_trainable_clip(cond_model)
     make_trainable_t5(cond_model)
@@ -595,6 +605,15 @@ def train_unet(base, cond_model, family: str, px: int, x0_all, toks, empty, seed
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
     ema = EmaWeights(named)
     start, prev = ema.resume(ckpt, "unet", opt, curve) if resume and ckpt else (0, 0.0)
+    if start == 0 and init_from:
+        got = Checkpoint(Path(init_from).parent).load(Path(init_from).stem, None)
+        if not got:
+            raise FileNotFoundError(f"--init-from: no checkpoint at {init_from}")
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(got[1]["ema." + k])
+                ema.ema[k] = p.detach().clone()
+        log.info("unet: initialised from the EMA weights of %s (step %s)", init_from, got[0]["step"])
     n = x0_all.shape[0]
     t0 = time.time() - prev
     bar = tqdm(range(start, steps), desc=f"unet {family}", initial=start, total=steps, mininterval=10)
@@ -611,11 +630,7 @@ def train_unet(base, cond_model, family: str, px: int, x0_all, toks, empty, seed
             drop = torch.rand(batch, generator=g) < CAPTION_DROP
             tk = {k: torch.where(drop[:, None], empty[k][None], v[idx]) for k, v in toks.items()}
             loss = eps_loss(base, cond_model, family, px, x0_all[idx], tk, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(step)
+        ema.step(opt, loss, step)
         avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
         bar.set_postfix(loss=f"{avg:.4f}")
         if (step + 1) % log_every == 0:
@@ -636,7 +651,8 @@ def train(family: str, seed: int = 0, steps: int = 6000, vae_steps: int = 600, d
           batch: int | None = None, lr: float | None = None, out: str | Path | None = None,
           ckpt_dir: str | Path | None = None, resume: bool = False, every: int = 250,
           vae_batch: int | None = None, log_every: int | None = None, vae_from: str | Path | None = None,
-          anneal: int = 0, param: str | None = None, data_only: bool = False) -> dict:
+          anneal: int = 0, param: str | None = None, data_only: bool = False,
+          init_from: str | Path | None = None) -> dict:
     """Train one family; write the Mini file to ``out`` (if given); return a summary dict.
 
     ``log_every``: loss-curve interval (default 50 VAE / 100 UNet steps; 1 records every step's
@@ -650,7 +666,7 @@ def train(family: str, seed: int = 0, steps: int = 6000, vae_steps: int = 600, d
     torch.manual_seed(seed)
     if "vae_weights" in d:
         return train_dit(family, seed, steps, data, batch, lr, out, ckpt, resume, every, log_every, anneal,
-                         param or d["param"], data_only)
+                         param or d["param"], data_only, init_from)
     px = tiny.FAMILIES[family]["native_px"]
 
     patcher = tiny.build_model(family, seed)
@@ -704,7 +720,8 @@ def train(family: str, seed: int = 0, steps: int = 6000, vae_steps: int = 600, d
 
 
 def train_dit(family: str, seed: int, steps: int, data: int, batch: int, lr: float, out, ckpt: Checkpoint | None,
-              resume: bool, every: int, log_every: int | None, anneal: int, param: str, data_only: bool) -> dict:
+              resume: bool, every: int, log_every: int | None, anneal: int, param: str, data_only: bool,
+              init_from=None) -> dict:
     """A DiT family (DEFAULTS[family]["vae_weights"]): the VAE of a shipped Mini (not trained here),
     world latents through it (phase "latents", cached), then DiT + T5 jointly (phase "unet")."""
     tiny, world, fmt = comfy_modules()
@@ -712,7 +729,7 @@ def train_dit(family: str, seed: int, steps: int, data: int, batch: int, lr: flo
     d = DEFAULTS[family]
     px = d["px"]
     t0 = time.time()
-    patcher = mini.build_model(family, seed)
+    patcher = mini.build_model(family, seed, param if param in mini.PREDICTIONS else "eps")
     base = patcher.model
     check_param(base.model_sampling, param, family)
     with torch.no_grad():  # adaLN-zero: residual gates start at zero (as in DiT/PixArt training)
@@ -747,12 +764,12 @@ def train_dit(family: str, seed: int, steps: int, data: int, batch: int, lr: flo
 
     unet_curve: list = []
     r = train_unet(base, cond_model, family, px, x0_all, None, None, seed, steps, batch, lr, ckpt, every, resume,
-                   unet_curve, log_every or 100, anneal, batch_loss=batch_loss)
+                   unet_curve, log_every or 100, anneal, batch_loss=batch_loss, init_from=init_from)
     unet_loss = r["loss"] if r["loss"] is not None else (unet_curve[-1][1] if unet_curve else None)
     summary = {
         "family": family, "seed": seed, "steps": r["steps"], "vae_steps": 0, "batch": batch, "vae_batch": 0,
         "vae_from": str(vae_path.name), "lr": lr, "anneal": anneal, "data": data, "px": px, "param": param,
-        "scene_px": d.get("scene_px") or px,
+        "scene_px": d.get("scene_px") or px, "init_from": str(init_from or ""),
         "train_seconds": round(r["seconds"], 1), "data_seconds": round(t_data, 1), "hardware": hardware(),
         "final_vae_loss": None, "final_unet_loss": unet_loss, "vae_curve": [], "unet_curve": unet_curve,
     }
@@ -770,7 +787,8 @@ def write_weights(path, fmt, family, base, cond_model, taesd, toks, empty, summa
     flat = fmt.pack({"unet": base.diffusion_model.state_dict(), "clip": cond_model.state_dict(),
                      "vae": taesd.state_dict()}, token_ids=ids, embedding_keys=emb_keys)
     meta = {k: str(summary[k]) for k in ("family", "seed", "steps", "vae_steps", "batch", "lr", "anneal", "data", "px",
-                                         "train_seconds", "hardware", "vae_from", "param", "scene_px", "data_seconds")
+                                         "train_seconds", "hardware", "vae_from", "param", "scene_px", "data_seconds",
+                                         "init_from")
             if k in summary}
     meta.update({"format": fmt.FORMAT, "vocabulary": json.dumps(list(world.VOCABULARY)),
                  "loss": json.dumps({"vae": summary["final_vae_loss"], "unet": summary["final_unet_loss"]}),
@@ -805,6 +823,8 @@ def main(argv=None):
     ap.add_argument("--param", choices=PARAMS, default=None,
                     help="DiT families: eps / v on the discrete schedule, or flow (flow matching, CONST models)")
     ap.add_argument("--data-only", action="store_true", help="DiT families: render and encode the data, then stop")
+    ap.add_argument("--init-from", default=None,
+                    help="a unet.safetensors checkpoint: start (step 0, fresh optimizer) from its EMA weights")
     ap.add_argument("--anneal", type=int, default=0,
                     help="the last N UNet steps lower the learning rate to 10%% on a cosine (default 0: constant)")
     args = ap.parse_args(argv)
@@ -814,7 +834,7 @@ def main(argv=None):
     ckpt_dir = args.ckpt_dir or ROOT / "out" / "mini_ckpt" / f"{args.family}_seed{args.seed}"
     summary = train(args.family, args.seed, args.steps, args.vae_steps, args.data, args.batch, args.lr, out,
                     ckpt_dir, args.resume, args.every, args.vae_batch, None, args.vae_from, args.anneal,
-                    args.param, args.data_only)
+                    args.param, args.data_only, args.init_from)
     print(json.dumps({k: v for k, v in summary.items() if not k.endswith("curve")}, indent=1))
 
 
