@@ -81,5 +81,38 @@ def lep_training(g):
     _sample(g, guided[0], pos, neg, lat, ck[2], "atelier_lep_training")
 
 
+FLUX_LEP_NAME = "flux_sketch_lep"
+
+
+def flux_sketch_fast(g):
+    from wf_dit import FLUX_DEV, TINY_NOTE, flux_loaders
+    g.note("Flux sketch guidance (fast form): the drawing guides Flux.1 dev through SamplerCustomAdvanced + "
+           "BasicGuider (Flux has no CFG batch: one conditioned model call per step). The LEP reads Flux's "
+           "double-stream blocks at 1/2 and the end and single-stream blocks at 1/4, 1/2, 3/4 of the depth; form "
+           "'fast' takes the gradient on the denoised latent through the LEP's small head (no backward through "
+           "Flux: about the cost of plain sampling). The Train LEP node trains on ComfyUI's input folder on the "
+           "first run (point it at your own images + captions) and loads the file afterwards. "
+           + TINY_NOTE.format(family="Flux", size=1024))
+    model, clip, vae = flux_loaders(g, FLUX_DEV)
+    sampling = g.node("ModelSamplingFlux", model=model[0], max_shift=1.15, base_shift=0.5, width=1024, height=1024)
+    lep = g.node("AtelierTrainLEP", title="Train LEP (loads it when already trained)", model=sampling[0],
+                 clip=clip[0], vae=vae[0], folder=".", name=FLUX_LEP_NAME, steps=100, batch_size=4,
+                 learning_rate=1e-4, resolution=0, edge_method="canny", seed=0, resume=True, save_every=100)
+    canvas = g.node("AtelierSketchCanvas", width=1024, height=1024, sketch=_star_strokes(1024))
+    guided = g.node("AtelierSketchGuidance", model=sampling[0], lep=lep[0], vae=vae[0], sketch=canvas[0], beta=1.0,
+                    start_percent=0.0, end_percent=0.5, grad_every=1, form="fast")
+    pos = g.node("CLIPTextEncode", title="Prompt", text="a yellow star", clip=clip[0])
+    fg = g.node("FluxGuidance", conditioning=pos[0], guidance=3.5)
+    guider = g.node("BasicGuider", model=guided[0], conditioning=fg[0])
+    noise = g.node("RandomNoise", noise_seed=42)
+    sampler = g.node("KSamplerSelect", sampler_name="euler")
+    sigmas = g.node("BasicScheduler", model=sampling[0], scheduler="simple", steps=20, denoise=1.0)
+    latent = g.node("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
+    out = g.node("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=sampler[0], sigmas=sigmas[0],
+                 latent_image=latent[0])
+    img = g.node("VAEDecode", samples=out[0], vae=vae[0])
+    g.node("SaveImage", images=img[0], filename_prefix="atelier_flux_sketch_fast")
+
+
 WORKFLOWS = {"sketch_canvas.json": sketch_canvas, "sketch_from_image.json": sketch_from_image,
-             "lep_training.json": lep_training}
+             "lep_training.json": lep_training, "flux_sketch_fast.json": flux_sketch_fast}
