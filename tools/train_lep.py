@@ -2,6 +2,7 @@
 
     python tools/train_lep.py --images /data/sketches --checkpoint v1-5-pruned-emaonly.safetensors --name my_lep
     python tools/train_lep.py --images /tmp/world --make-world 64 --tiny sd15 --steps 50 --batch-size 4
+    python tools/train_lep.py --images /tmp/world --make-world 8 --tiny flux --steps 50 --batch-size 4   # a DiT family
 
 --images is a folder of images with captions (<image>.txt, else the file name); ComfyUI's input folder is
 pointed at its parent for this run. The predictor lands in ComfyUI's models/atelier/lep/<name>.safetensors;
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", required=True, help="folder of images with captions")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint file name in ComfyUI's models/checkpoints")
-    src.add_argument("--tiny", choices=["sd15", "sdxl"], help="Atelier's tiny seeded model (tests, demos)")
+    src.add_argument("--tiny", choices=["sd15", "sdxl", "pixart", "flux", "flux_schnell", "sd3"],
+                     help="Atelier's tiny seeded model (tests, demos)")
     ap.add_argument("--name", default="my_lep")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
     images = Path(ns.images).resolve()
     if ns.make_world:
         from pure_models import load_models
-        make_world(images, ns.make_world, 64 if ns.tiny == "sd15" else (128 if ns.tiny else 512), load_models("world"))
+        size = {"sd15": 64, "pixart": 320, None: 512}.get(ns.tiny, 128)   # the tiny families' native sizes
+        make_world(images, ns.make_world, size, load_models("world"))
     if not images.is_dir():
         print(f"--images: {images} is not a folder", file=sys.stderr)
         return 2
