@@ -222,11 +222,7 @@ def train_unet(base, cond_model, x0_all, emb_all, toks, empty, seed, steps, batc
         out = base.diffusion_model(ms.calculate_input(sigma, xt), ms.timestep(sigma).float(),
                                    context=context.float(), y=adm)
         loss = F.mse_loss(out.float(), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(step)
+        ema.step(opt, loss, step)
         avg = loss.item() if avg is None else 0.99 * avg + 0.01 * loss.item()
         done = step + 1
         if done % 50 == 0:
