@@ -1,6 +1,6 @@
-"""Space experts: per-step cost vs the core KSampler and vs core masked conditioning, same run.
+"""Space experts: per-step cost vs the core KSampler and vs core masked conditioning, same run, interleaved.
 
-Rows (each sampled with the core KSampler path, cfg 7, euler):
+Rows (each sampled on the core KSampler path: comfy.sample.sample, cfg 7, euler, normal):
 - core: the plain model;
 - space-experts R: R conditioning experts on R attention-derived regions, mixing active at every
   step (mask_start_t=1000), one UNet pass per step whatever R;
@@ -8,17 +8,29 @@ Rows (each sampled with the core KSampler path, cfg 7, euler):
 - core masked R: the same R stripes as ConditioningSetMask(strength 1) + ConditioningCombine with
   the base prompt (ComfyUI batches the R+1 conds, so the UNet batch grows with R).
 
-Models: the full-size SD1.5 UNet (random weights, 256 px, fp32; ``--px`` to change) and the tiny
-SD1.5 (64 px). The machine is shared and noisy, so the bench times process CPU seconds with one
-torch thread (wall time swung 10x between identical runs here); read the ratios.
+Models: Atelier Mini sd15 (64 px, trained weights, so attention-derived regions are real ones; ``--small tiny``
+for the random tiny sd15) and the full-size SD1.5 UNet (random weights, 256 px, fp32; ``--px`` to change).
 
-    python bench/bench_space_experts.py [--steps N] [--repeats N] [--px 256] [--no-full] [--threads N]
+Noise: the machine is shared, so the bench times process CPU seconds with one torch thread, and every repeat
+runs plain, case, plain, case, ..., plain (the case order rotates per repeat); a case's ratio in a repeat is its
+per-step time over the mean of the two plain runs around it. It prints the median ratio over ``--repeats`` (>= 5)
+with its spread (min-max and the inter-quartile range of the per-repeat ratios); a ratio is marked
+``resolved`` only where its whole min-max range lies on one side of 1.00, else ``noise`` (then only the upper
+end bounds the cost).
+
+Per step = the steady state: steps 3.. of each run (step 1 only captures maps, step 2 is the first mixing step,
+which also projects the experts' prompts to keys/values once per run and block); ``ratio_run`` is the same
+over all steps of the run.
+
+    python bench/bench_space_experts.py [--steps N] [--repeats N] [--px 256] [--no-full] [--no-small]
+        [--small mini|tiny] [--cases experts,pww,masked] [--full-cases ...] [--regions 2,4,8] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import importlib
+import statistics
 import time
 
 import harness
@@ -32,34 +44,54 @@ def stripes(R: int, h: int, w: int):
     return m
 
 
+def quartiles(xs):
+    xs = sorted(xs)
+    if len(xs) < 4:
+        return xs[0], xs[-1]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="steps per run (default 6 small, 4 full; >= 3)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 7 small, 5 full)")
     ap.add_argument("--px", type=int, default=256)
     ap.add_argument("--no-full", action="store_true")
+    ap.add_argument("--no-small", action="store_true")
+    ap.add_argument("--small", choices=["mini", "tiny"], default="mini")
+    ap.add_argument("--cases", default="experts,pww,masked", help="comma list of experts, pww, masked")
+    ap.add_argument("--full-cases", default=None, help="the cases on the full-size UNet (default: --cases)")
+    ap.add_argument("--regions", default=None, help="comma list of region counts (default 2,4,8)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time = compute)")
     ns = ap.parse_args()
     quick = harness.quick()
     h = harness.boot()
     P = h.pack_module.__name__
     tiny = importlib.import_module(P + ".nodes.tiny_family")
+    mini = importlib.import_module(P + ".nodes.mini")
     sx = importlib.import_module(P + ".nodes.space_experts")
     import torch
-    import nodes
+    import comfy.sample
     from bench_ksampler import build_full_sd15
     if ns.threads:
         torch.set_num_threads(ns.threads)
+    def parse_kinds(text):
+        return [c.strip() for c in text.split(",") if c.strip()]
+    kinds = parse_kinds(ns.cases)
+    regions = [int(r) for r in ns.regions.split(",")] if ns.regions else ([2, 4] if quick else [2, 4, 8])
 
-    def ksampler(model, pos, neg, latent, steps):
-        return nodes.common_ksampler(model, 0, steps, 7.0, "euler", "normal", pos, neg, latent, denoise=1.0)[0]
+    def run_timed(model, pos, neg, latent, steps):
+        """The core KSampler path (prepare_noise + comfy.sample.sample, no preview), CPU seconds per step."""
+        lat = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        noise = comfy.sample.prepare_noise(lat, 0, None)
+        marks = [time.process_time()]
 
-    def fix_norms(model):  # guard: norm scales 1 (older tiny builds zeroed some; see the tests)
-        with torch.no_grad():
-            for mod in model.model.diffusion_model.modules():
-                if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and mod.weight is not None:
-                    mod.weight.fill_(1.0)
-        return model
+        def cb(step, x0, x, total):
+            marks.append(time.process_time())
+        comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", pos, neg, lat, denoise=1.0,
+                            callback=cb, disable_pbar=True, seed=0)
+        return [b - a for a, b in zip(marks, marks[1:])]
 
     def setup_for(R, dim, masks=None, pww=0.0):
         g = torch.Generator().manual_seed(10)
@@ -79,59 +111,95 @@ def main():
             out = core.ConditioningCombine().combine(out, c)[0]
         return out
 
-    def cpu_timeit(fn, repeats):
-        """Process CPU seconds (min over repeats, after one warm-up): on a shared CPU this is far steadier
-        than wall time, and with one torch thread it is the compute the step costs."""
-        fn()
-        times = []
-        for _ in range(repeats):
-            gc.collect()
-            t0 = time.process_time()
-            fn()
-            times.append(time.process_time() - t0)
-        return {"cpu_s": min(times), "runs": repeats}
-
-    def cases(model, pos, neg, latent, steps, reps, label, regions):
+    def cases(model, pos, neg, latent, steps, reps, label, kinds):
         h8, w8 = latent["samples"].shape[-2:]
         dim = pos[0][0].shape[-1]
-        rows = []
-        tb = cpu_timeit(lambda: ksampler(model, pos, neg, latent, steps), reps)
-        base = tb["cpu_s"] / steps
-
-        def add(name, fn):
-            t = cpu_timeit(fn, reps)
-            rows.append({"case": f"{label} {name}", "steps": steps, **t, "per_step_s": t["cpu_s"] / steps,
-                         "ratio": t["cpu_s"] / steps / base})
-
-        rows.append({"case": f"{label} core KSampler", "steps": steps, **tb, "per_step_s": base, "ratio": 1.0})
+        lo = 2 if steps >= 3 else 0
+        arms = []  # (name, model, positive)
         for R in regions:
-            m, _ = sx.apply_space(model, setup_for(R, dim))
-            add(f"space-experts {R} regions", lambda: ksampler(m, pos, neg, latent, steps))
-            m, _ = sx.apply_space(model, setup_for(R, dim, masks=stripes(R, h8 * 8, w8 * 8), pww=1.0))
-            add(f"paint-with-words {R} regions", lambda: ksampler(m, pos, neg, latent, steps))
-            mc = masked_cond(pos, R, h8 * 8, w8 * 8)
-            add(f"core masked cond {R} regions", lambda: ksampler(model, mc, neg, latent, steps))
+            if "experts" in kinds:
+                arms.append((f"space-experts {R} regions", sx.apply_space(model, setup_for(R, dim))[0], pos))
+            if "pww" in kinds:
+                m, _ = sx.apply_space(model, setup_for(R, dim, masks=stripes(R, h8 * 8, w8 * 8), pww=1.0))
+                arms.append((f"paint-with-words {R} regions", m, pos))
+            if "masked" in kinds:
+                arms.append((f"core masked cond {R} regions", model, masked_cond(pos, R, h8 * 8, w8 * 8)))
+
+        def one(m, p):
             gc.collect()
+            ts = run_timed(m, p, neg, latent, steps)
+            return sum(ts[lo:]) / len(ts[lo:]), sum(ts) / len(ts)
+        one(model, pos)  # warm-up
+        for _name, m, p in arms:
+            one(m, p)
+        plain_steady, plain_run = [], []
+        ratio = {a[0]: [] for a in arms}
+        ratio_run = {a[0]: [] for a in arms}
+        per_step = {a[0]: [] for a in arms}
+        for r in range(reps):
+            order = arms[r % len(arms):] + arms[:r % len(arms)]
+            prev = one(model, pos)
+            plain_steady.append(prev[0])
+            plain_run.append(prev[1])
+            for name, m, p in order:
+                t = one(m, p)
+                nxt = one(model, pos)
+                plain_steady.append(nxt[0])
+                plain_run.append(nxt[1])
+                ratio[name].append(t[0] / ((prev[0] + nxt[0]) / 2))
+                ratio_run[name].append(t[1] / ((prev[1] + nxt[1]) / 2))
+                per_step[name].append(t[0])
+                prev = nxt
+            print(f"[{label}] repeat {r + 1}/{reps}: " + ", ".join(
+                f"{n.split(' regions')[0]} {ratio[n][-1]:.3f}" for n, _m, _p in arms), flush=True)
+        rows = [{"case": f"{label} core KSampler", "steps": steps, "repeats": reps,
+                 "per_step_s": statistics.median(plain_steady), "ratio": 1.0}]
+        for name, _m, _p in arms:
+            rs = ratio[name]
+            q1, q3 = quartiles(rs)
+            med = statistics.median(rs)
+            resolved = min(rs) > 1.0 or max(rs) < 1.0
+            rows.append({"case": f"{label} {name}", "steps": steps, "repeats": reps,
+                         "per_step_s": statistics.median(per_step[name]), "ratio": med,
+                         "ratio_min": min(rs), "ratio_max": max(rs), "ratio_q1": q1, "ratio_q3": q3,
+                         "ratio_run": statistics.median(ratio_run[name]),
+                         "verdict": "resolved" if resolved else "noise", "ratios": rs})
         return rows
 
     rows = []
-    regions = (2, 4) if quick else (2, 4, 8)
-    model, clip, _vae = tiny.build_family("sd15", 0)
-    fix_norms(model)
-    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle and a blue square"))
-    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    rows += cases(model, pos, neg, {"samples": torch.zeros(1, 4, 8, 8)}, ns.steps or (2 if quick else 8),
-                  ns.repeats or (1 if quick else 3), "tiny-sd15 64px", regions)
+    if not ns.no_small:
+        if ns.small == "mini":
+            model, clip, _vae = mini.load_mini("sd15")
+            label = "mini-sd15 64px"
+        else:
+            model, clip, _vae = tiny.build_family("sd15", 0)
+            label = "tiny-sd15 64px"
+        pos = clip.encode_from_tokens_scheduled(clip.tokenize("a red circle and a blue square"))
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        rows += cases(model, pos, neg, {"samples": torch.zeros(1, 4, 8, 8)}, ns.steps or (3 if quick else 6),
+                      ns.repeats or (1 if quick else 7), label, kinds)
     if not ns.no_full and not quick:
         model = build_full_sd15(torch.float32)
         g = torch.Generator().manual_seed(1)
         pos = [[torch.randn(1, 77, 768, generator=g), {}]]
         neg = [[torch.randn(1, 77, 768, generator=g), {}]]
         s = ns.px // 8
-        rows += cases(model, pos, neg, {"samples": torch.zeros(1, 4, s, s)}, ns.steps or 2, ns.repeats or 1,
-                      f"full-sd15 {ns.px}px fp32", regions)
-    harness.report("space_experts", rows, {"threads": torch.get_num_threads(),
-                                           "note": "process CPU seconds (min over repeats after a warm-up), 1 torch thread; ratio = per-step CPU time / core KSampler per-step CPU time on the same model"})
+        rows += cases(model, pos, neg, {"samples": torch.zeros(1, 4, s, s)}, ns.steps or 4, ns.repeats or 5,
+                      f"full-sd15 {ns.px}px fp32", parse_kinds(ns.full_cases) if ns.full_cases else kinds)
+    print()
+    print(f"{'case':48s} {'per step':>9s} {'ratio':>6s} {'min-max':>13s} {'IQR':>13s} {'run':>6s}  verdict")
+    for r in rows:
+        if "ratio_min" in r:
+            print(f"{r['case']:48s} {r['per_step_s']:9.4f} {r['ratio']:6.3f} {r['ratio_min']:6.3f}-{r['ratio_max']:6.3f}"
+                  f" {r['ratio_q1']:6.3f}-{r['ratio_q3']:6.3f} {r['ratio_run']:6.3f}  {r['verdict']}")
+        else:
+            print(f"{r['case']:48s} {r['per_step_s']:9.4f} {1.0:6.3f}")
+    harness.report("space_experts", rows, {
+        "threads": torch.get_num_threads(),
+        "note": "process CPU seconds, 1 torch thread; per repeat plain and case runs alternate (plain, case, plain, "
+                "...); ratio = a case's per-step time (steps 3.. of a run) / the mean of the plain runs around it, "
+                "median over repeats, with min-max and IQR; 'resolved' when min-max lies on one side of 1.00; "
+                "ratio_run: the same over all steps of a run"})
 
 
 if __name__ == "__main__":

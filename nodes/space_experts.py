@@ -229,6 +229,9 @@ class SpaceRuntime:
         self.step_maps: torch.Tensor | None = None     # the maps this step's masks come from
         self.step_captured = False
         self.uncond_uuids: set = set()
+        self.kv_cache = se.ProjectionCache()           # keys/values of the fixed prompts per block, per run
+        self.fixed_plans: dict = {}                    # painted regions' plans (the same at every call), per run
+        self._attn2_lists: dict = {}                   # every cross-attention module, per UNet
 
     def on_model_patcher_clone(self):
         return self  # clones share the runtime (ComfyUI calls this; execution is sequential)
@@ -261,6 +264,8 @@ class SpaceRuntime:
         self.step_maps = None
         self.step_captured = False
         self.uncond_uuids = set()
+        self.kv_cache.clear()
+        self.fixed_plans = {}
 
     def _check_new_run(self, sigma: float, transformer_options) -> None:
         ss = transformer_options.get("sample_sigmas")
@@ -284,7 +289,7 @@ class SpaceRuntime:
         capture = self.setup.user_masks is None and not self.step_captured
         self.agg = se.MapAggregator() if capture else None
         self.call = {"sigma": sigma, "latent_hw": tuple(x.shape[-2:]), "coverage": self.record[-1]["coverage"],
-                     "mask_cache": {}, "active": self.record[-1]["active"]}
+                     "mask_cache": {}, "active": self.record[-1]["active"], "rows": {}, "plans": {}, "wsig": None}
 
     def end_call(self):
         if self.call is None:
@@ -316,10 +321,36 @@ class SpaceRuntime:
     def rows(self, transformer_options, batch: int) -> torch.Tensor:
         """Rows of the positive prompt in this batch: the cond chunks, less any chunk whose prompt this run
         already saw as the negative (SAG runs the negative prompt alone, in the cond slot)."""
+        cache = self.call.get("rows") if self.call is not None else None  # one answer per model call
+        if cache is not None and batch in cache:
+            return cache[batch]
         cou = list(transformer_options.get("cond_or_uncond") or [0])
         uuids = transformer_options.get("uuids") or []
         cou = [1 if j < len(uuids) and uuids[j] in self.uncond_uuids else k for j, k in enumerate(cou)]
-        return torch.tensor(cond_rows(cou, batch), dtype=torch.long)
+        rows = torch.tensor(cond_rows(cou, batch), dtype=torch.long)
+        if cache is not None:
+            cache[batch] = rows
+        return rows
+
+    def region_plan(self, hw, b: int, device, route, n_experts: int) -> se.RegionPlan:
+        """The ``RegionPlan`` of this call's masks at resolution hw, shared by every block there."""
+        key = (tuple(hw), b, str(device), tuple(route))
+        plans = self.fixed_plans if self.setup.user_masks is not None else self.call["plans"]
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = se.RegionPlan(self.phrase_masks(hw, b, device), route, n_experts)
+        return plan
+
+    def weights_signature(self) -> tuple:
+        """``_projection_signature`` of the running UNet's cross-attention blocks, once per call."""
+        sig = self.call.get("wsig")
+        if sig is None:
+            mods = self._attn2_lists.get(id(self.unet))
+            if mods is None:
+                mods = self._attn2_lists[id(self.unet)] = [
+                    m.attn2 for m in self.unet.modules() if getattr(m, "attn2", None) is not None]
+            sig = self.call["wsig"] = _projection_signature(mods)
+        return sig
 
     def phrase_masks(self, hw, b: int, device, maps: torch.Tensor | None = None) -> torch.Tensor | None:
         """(b, P, h*w) bool masks for this call at resolution hw (from this step's maps, or ``maps``), or None
@@ -355,6 +386,32 @@ class SpaceRuntime:
         return se.downscale_of(latent_hw, hw) in (2, 4)
 
 
+def _projection_signature(attns) -> tuple:
+    """What the cached keys/values of the prompts depend on besides the prompts: the to_k/to_v weights of the
+    cross-attention modules ``attns`` (storage, in-place version where torch tracks one, and norm: one batched
+    call, so a weight hook's keyframe that patches them mid-run is seen) and the weight functions ComfyUI applies
+    when it casts them (lowvram LoRA patches)."""
+    tensors, meta = [], []
+    for attn in attns:
+        for lin in (attn.to_k, attn.to_v):
+            for w in (getattr(lin, "weight", None), getattr(lin, "bias", None)):
+                if w is None:
+                    continue
+                try:
+                    version = w._version
+                except RuntimeError:  # inference tensors (loaders' weights) track no version
+                    version = None
+                tensors.append(w.detach())
+                meta.append((w.data_ptr(), w.dtype, str(w.device), version))
+            meta.append(tuple(id(f) for f in (getattr(lin, "weight_function", None) or ())))
+            meta.append(tuple(id(f) for f in (getattr(lin, "bias_function", None) or ())))
+    try:
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32) if tensors else []
+    except (TypeError, RuntimeError):  # an older torch: one call per tensor
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+    return tuple(meta), tuple(float(n) for n in norms)
+
+
 def apply_space(model, setup: SpaceSetup):
     """A clone of ``model`` with the space-expert patches; the input model is untouched."""
     m = model.clone()
@@ -386,27 +443,41 @@ def apply_space(model, setup: SpaceSetup):
         if rows.numel() == 0:
             return n
         capture = rt.capture_here(latent_hw, hw)
-        pmasks = rt.phrase_masks(hw, rows.numel(), hidden.device)
-        if pmasks is not None and not bool(pmasks.any()):
-            pmasks = None
-        if pmasks is None and not capture:
+        route = rt.call.get("route")
+        if route is None:
+            route = attn_route
+            if windowed:  # experts outside their prompt's timestep range paint nothing at this step
+                route = [r if r >= 0 and rt.expert_acts(attn_idx[r], rt.call["sigma"]) else -1 for r in attn_route]
+            rt.call["route"] = route
+        # masks, expert regions, mixing weights: once per call and resolution, shared by the blocks there
+        plan = rt.region_plan(hw, rows.numel(), hidden.device, route, len(attn_ctx))
+        if not plan.any and not capture:
             return n
         attn = rt.attn2(block, block_index)
         sig = extra_options.get("sigmas")
         sigma = sig[rows.to(sig.device)] if isinstance(sig, torch.Tensor) and sig.shape[0] == hidden.shape[0] else sig
-        route = attn_route
-        if windowed:  # experts outside their prompt's timestep range paint nothing at this step
-            route = [r if r >= 0 and rt.expert_acts(attn_idx[r], rt.call["sigma"]) else -1 for r in attn_route]
+        wsig = rt.weights_signature()
+        bkey = (id(rt.unet), block[0], block[1], block_index)
+
+        def kv(tag, ctx):  # the base prompt's keys/values: projected again only when the prompt or weights change
+            return rt.kv_cache.kv((bkey, tag), ctx, attn.to_k, attn.to_v, wsig)
+
+        def memo(tag, make):  # the experts' keys/values (their prompts are constant): once per run and block
+            return rt.kv_cache.memo((bkey, tag), make, wsig)
         out, maps, cov = se.block_update(
             n, hidden, context, attn.to_q, attn.to_k, attn.to_v, attn.to_out, extra_options["n_heads"], rows,
-            setup.groups, capture, pmasks, attn_ctx, route, setup.pww_weight, sigma)
+            setup.groups, capture, plan.masks if plan.any else None, attn_ctx, route, setup.pww_weight, sigma,
+            kv=kv, plan=plan, memo=memo)
         if maps is not None and rt.agg is not None:
             rt.agg.add(maps.reshape(maps.shape[0], maps.shape[1], *hw))
         if cov is not None:
-            full = torch.zeros(len(setup.experts))
-            for i, e in enumerate(attn_idx):
-                full[e] = float(cov[i])
-            rt.note_coverage((block[0], int(block[1]), int(block_index)), full.tolist())
+            full = getattr(plan, "full_coverage", None)
+            if full is None:
+                full = torch.zeros(len(setup.experts))
+                for i, e in enumerate(attn_idx):
+                    full[e] = float(cov[i])
+                full = plan.full_coverage = full.tolist()
+            rt.note_coverage((block[0], int(block[1]), int(block_index)), full)
         return out
 
     def diffusion_model_wrapper(executor, *args, **kwargs):

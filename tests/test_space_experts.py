@@ -310,6 +310,84 @@ def test_unet_calls_per_step_constant_as_conditioning_experts_grow(sx, fam):
     assert torch.isfinite(out).all() and not torch.equal(out, _sample(model, clip, steps=3))
 
 
+class _Recompute:
+    """A ProjectionCache that remembers nothing: every call projects again (the reference for the cache)."""
+
+    def clear(self):
+        pass
+
+    def kv(self, key, ctx, to_k, to_v, weights=None):
+        return to_k(ctx), to_v(ctx)
+
+    def memo(self, key, make, weights=None):
+        return make()
+
+
+def test_remembered_projections_equal_recomputed_ones_and_follow_weight_changes(sx, fam):
+    """The base and expert prompts' keys/values are projected once per run and block, the experts' stacked for one
+    batched attention call: the output is bit-identical to projecting them again at every block, also when a
+    weight hook's keyframe patches to_k/to_v in place in the middle of the run, and fewer projections run.
+    Painted regions (mixing from the 1st step), experts alone (the batched call) and with the bias (one attention
+    per expert), two steps each."""
+    import comfy.patcher_extension
+    model, clip, _ = fam
+    bank = _bank(sx, clip, ["a green thing", "a yellow thing", "a purple thing"])
+    exp_m, exp_pos, _ = sx.AtelierPaintWithWords.execute(
+        model, clip, "a red circle and a blue square", _regions_lr(sx), weight=0.0, experts=bank,
+        routing="in order").args
+    pww_m, pww_pos, _ = sx.AtelierPaintWithWords.execute(
+        model, clip, "a red circle and a blue square", _regions_lr(sx), weight=0.5, experts=bank,
+        routing="in order").args
+    keys = [mod for mod in model.model.diffusion_model.modules() if type(mod).__name__ == "CrossAttention"
+            and mod.to_k.in_features != mod.to_q.in_features]
+    weights = [lin.weight for mod in keys for lin in (mod.to_k, mod.to_v)]
+    saved = [w.detach().clone() for w in weights]
+    projections = []
+    handles = [mod.to_k.register_forward_hook(lambda *a: projections.append(1)) for mod in keys]
+
+    def run(m0, pos, steps, cache=None, bump_at=None):
+        calls = []
+
+        def keyframe(executor, x, t, *args, **kwargs):  # a weight hook's keyframe at step bump_at
+            calls.append(1)
+            if len(calls) == bump_at:
+                with torch.no_grad():
+                    for w in weights:
+                        w.mul_(1.25)
+            return executor(x, t, *args, **kwargs)
+        m = m0.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.keyframe", keyframe)
+        rt = m.get_attachment(sx.KEY)
+        kept, rt.kv_cache = rt.kv_cache, cache if cache is not None else rt.kv_cache
+        projections.clear()
+        try:
+            return _sample(m, clip, positive=pos, steps=steps), len(projections)
+        finally:
+            rt.kv_cache = kept
+            with torch.no_grad():
+                for w, s0 in zip(weights, saved):
+                    w.copy_(s0)
+    try:
+        cached, n_cached = run(exp_m, exp_pos, 2)
+        fresh, n_fresh = run(exp_m, exp_pos, 2, _Recompute())
+        assert torch.equal(cached, fresh), "remembered projections changed the output"
+        assert n_cached < n_fresh  # the 2nd step projected nothing again
+        cached = run(pww_m, pww_pos, 2, bump_at=2)[0]
+        assert torch.equal(cached, run(pww_m, pww_pos, 2, _Recompute(), bump_at=2)[0]), \
+            "keys/values projected before a weight change were used after it"
+        assert not torch.equal(cached, run(pww_m, pww_pos, 2)[0])  # the keyframe does change the picture
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+def _regions_lr(sx):
+    masks = torch.zeros(2, 64, 64)
+    masks[0, :, :32] = 1.0
+    masks[1, :, 32:] = 1.0
+    return sx.AtelierRegionsFromMasks.execute(masks, "red circle, blue square").args[0]
+
+
 def test_another_attention_patch_still_takes_effect_in_both_orders(sx, fam):
     model, clip, _ = fam
     hits = []
