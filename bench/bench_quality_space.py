@@ -27,7 +27,7 @@ rendering of a medium object centred in each half.
 Cost: process CPU seconds per sampling step, from runs at ``--steps`` and at 2 steps on the same
 case (upstream nodes cached), median over ``--time-reps``, interleaved; ratio vs plain.
 
-    python bench/bench_quality_space.py [--family sd15|sdxl] [--regions halves|boxes] [--n 24] [--steps 20]
+    python bench/bench_quality_space.py [--family sd15|sdxl|pixart] [--regions halves|boxes] [--n 24] [--steps 20]
         [--cfg 5] [--weight 1] [--methods plain,pww+experts,pww-only,pww-only@0.25,experts-only,core-masked]
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from pathlib import Path
 import harness
 import numpy as np
 
-FAMILY_PX = {"sd15": 64, "sdxl": 128}
+FAMILY_PX = {"sd15": 64, "sdxl": 128, "pixart": 288}  # pixart: Mini-DiT (DiT cross-attention adapter)
 LAYOUTS = ("left of", "right of", "above", "below")
 METHODS = ("plain", "pww+experts", "pww-only", "experts-only", "core-masked")
 DEFAULT_METHODS = ("plain", "pww+experts", "pww-only", "pww-only@0.25", "experts-only", "core-masked")

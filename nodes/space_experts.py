@@ -39,6 +39,7 @@ import comfy.samplers
 from ..models import space_experts as se
 from .glue import SigmaWindow, check_conditioning, check_same_family, check_vae, cond_rows, conditioning_problem
 from .glue import fail, family_row, hook_key, register_run_state
+from . import space_dit
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,11 @@ def build_setup(clip, prompt: str, phrases: list[str], experts: list[Expert], ro
                 user_masks: torch.Tensor | None, pww_weight: float, model=None) -> SpaceSetup:
     if not phrases:
         raise ValueError("phrases: name at least one phrase of the prompt, e.g. 'red circle, blue square'")
-    groups = phrase_groups(clip, prompt, phrases)
+    if model is not None and space_dit.is_dit(model):  # the tokens of every stream the DiT/MMDiT reads
+        groups = space_dit.phrase_groups(clip, prompt, phrases, space_dit.text_streams(model))
+        space_dit.check_experts(model, experts)
+    else:
+        groups = phrase_groups(clip, prompt, phrases)
     if user_masks is not None and user_masks.shape[0] != len(phrases):
         raise ValueError(f"regions: {user_masks.shape[0]} masks for {len(phrases)} phrases")
     route: list[int] = []
@@ -498,10 +503,13 @@ def apply_space(model, setup: SpaceSetup):
     def reset():  # a closure, not a bound method: ModelPatcher.clone deep-copies model_options
         rt.start_run()
 
-    m.set_model_attn2_patch(attn2_patch)
-    m.set_model_attn2_output_patch(attn2_output_patch)
     WMP = comfy.patcher_extension.WrappersMP
-    m.add_wrapper_with_key(WMP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)
+    if space_dit.is_dit(m):  # DiT cross-attention / MMDiT joint attention: the family's adapter (nodes/space_dit.py)
+        space_dit.install(m, rt)
+    else:
+        m.set_model_attn2_patch(attn2_patch)
+        m.set_model_attn2_output_patch(attn2_output_patch)
+        m.add_wrapper_with_key(WMP.DIFFUSION_MODEL, KEY, diffusion_model_wrapper)
     m.add_wrapper_with_key(WMP.OUTER_SAMPLE, KEY, outer_sample_wrapper)
     register_run_state(m, KEY, reset)
     if setup.model_experts:
@@ -832,7 +840,10 @@ class AtelierSpaceExperts(io.ComfyNode):
                                      "attention is blurry at high noise). 1000 = from the first step."),
                 io.Combo.Input("capture", options=["mid-resolution", "all"], default="mid-resolution",
                                tooltip="Blocks whose attention makes the masks: mid-resolution = blocks at 1/2 and "
-                                       "1/4 of the latent size (SD1.5 at 512 px: input 4,5,7,8 / output 3–8)."),
+                                       "1/4 of the latent size (SD1.5 at 512 px: input 4,5,7,8 / output 3–8); on "
+                                       "DiT families the family's map blocks (PixArt: the middle half; Flux: the "
+                                       "double-stream and first half of the single-stream blocks; SD3: the first "
+                                       "three quarters of the joint blocks)."),
                 Regions.Input("regions", optional=True,
                               tooltip="Painted regions instead of attention (then 'phrases' is taken from them)."),
                 io.Float.Input("pww_weight", default=0.0, min=-10.0, max=10.0, step=0.05,
