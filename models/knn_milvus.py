@@ -569,8 +569,9 @@ def _check_same(m: dict, folder: Path, meta: dict, target: MilvusTarget, name_in
     from . import knn
     diffs = []
     built = m["embedder"]
-    if int(built.get("dim", -1)) != int(meta["dim"]):
-        diffs.append(f"Dimension mismatch: it holds {built['dim']}-d embeddings from {built.get('name')}, "
+    held = int(built.get("dim", m["dim"]))  # read_manifest checked m["dim"]; the embedder record may lack it
+    if held != int(meta["dim"]):
+        diffs.append(f"Dimension mismatch: it holds {held}-d embeddings from {built.get('name')}, "
                      f"{meta['name']} makes {meta['dim']}-d ones")
     elif built.get("name") != meta["name"]:
         diffs.append(f"it was built with the embedder {built.get('name')}, not {meta['name']}")

@@ -665,6 +665,16 @@ def test_milvus_uri_and_name_errors():
         knn_milvus.check_collection_name("my-images")
 
 
+def test_milvus_conflict_of_a_manifest_whose_embedder_record_has_no_dim(tmp_path):
+    """An older manifest's embedder record may lack "dim" (the manifest's own "dim" is checked on reading): the
+    conflict is still reported with the held width, not a KeyError."""
+    _milvus_or_skip()
+    m = {"dim": 32, "embedder": {"name": "tiny"}, "root": str(tmp_path)}
+    target = knn_milvus.MilvusTarget("/tmp/x.db", "mine", input_name="milvus_uri", name_input="index_name")
+    with pytest.raises(knn.IndexConflict, match="Dimension mismatch: it holds 32-d embeddings from tiny, big makes 48-d"):
+        knn_milvus._check_same(m, tmp_path, {"dim": 48, "name": "big"}, target, "index_name", "rebuild")
+
+
 @pytest.fixture
 def deny_listener():
     """A local gRPC server that answers every call UNAUTHENTICATED, as Milvus does for a wrong user/password."""
