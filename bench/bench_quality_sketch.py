@@ -1,6 +1,13 @@
-"""Sketch guidance quality on Atelier Mini sd15 (64 px): sketch adherence at matched prompt adherence.
+"""Sketch guidance quality on Atelier Mini (sd15 64 px by default; ``--family pixart``: the Mini-DiT, 288 px):
+sketch adherence at matched prompt adherence.
 
-1. Trains a latent edge predictor (LEP) for Mini sd15 with the pack's own trainer (``nodes/sketch.train_lep``,
+The family's size and latent come from the family table (``glue.native_px`` of the loaded Mini model, the row's
+latent channels); ``--layers`` picks the denoiser layers the LEP reads: ``default`` (the family row's
+``lep_layers``), ``every`` (every DiT block, ``models/lep.every_block``), or spec names such as
+``block@0,block@0.5,block@1`` (DiT blocks by relative depth; UNet names like ``input.2``). The trained file
+records its layers, and guidance reads those.
+
+1. Trains a latent edge predictor (LEP) for the Mini family with the pack's own trainer (``nodes/sketch.train_lep``,
    the code behind the AtelierTrainLEP node and tools/train_lep.py) on world images from the training
    stream (``world.iter_samples``), saved under out/quality_sketch/lep/ (not the repo); a finished predictor
    with the same name, size and step count is loaded instead of retrained (--retrain to force).
@@ -21,6 +28,7 @@
    and its ratio to unguided (the cases of one prompt run back to back, so they share the machine's load).
 
     python bench/bench_quality_sketch.py [--n 24] [--train-steps 1500] [--betas 0.5,1,1.6] [--denoise 0.6,0.8]
+    python bench/bench_quality_sketch.py --family pixart [--layers default|every|block@0,block@0.5,block@1]
 """
 from __future__ import annotations
 
@@ -32,13 +40,25 @@ from pathlib import Path
 
 import harness
 
-FAMILY = "sd15"
+FAMILY = "sd15"      # the Mini family and what its row says, set by configure() once the model is loaded
 PX = 64
+LATENT = "EmptyLatentImage"
 SCORES = ("object", "color", "shape")
+#: empty-latent node per latent channel count (4: SD1.5/SDXL/PixArt latent formats; 16: SD3/Flux)
+EMPTY_LATENT = {4: "EmptyLatentImage", 16: "EmptySD3LatentImage"}
+
+
+def configure(family: str, px: int, channels: int) -> None:
+    global FAMILY, PX, LATENT
+    FAMILY, PX, LATENT = family, int(px), EMPTY_LATENT[int(channels)]
 
 
 def loader() -> dict:
     return {"class_type": "AtelierMiniCheckpointLoader", "inputs": {"family": FAMILY}}
+
+
+def empty_latent() -> dict:
+    return {"class_type": LATENT, "inputs": {"width": PX, "height": PX, "batch_size": 1}}
 
 
 def base_graph(text: str, seed: int, steps: int, cfg: float, model_ref, latent_ref, denoise: float) -> dict:
@@ -57,13 +77,13 @@ def base_graph(text: str, seed: int, steps: int, cfg: float, model_ref, latent_r
 
 def graph_unguided(text, seed, steps, cfg):
     g = base_graph(text, seed, steps, cfg, ["1", 0], ["4", 0], 1.0)
-    g["4"] = {"class_type": "EmptyLatentImage", "inputs": {"width": PX, "height": PX, "batch_size": 1}}
+    g["4"] = empty_latent()
     return g
 
 
 def graph_guided(text, seed, steps, cfg, sketch_file, lep_name, beta, form="paper"):
     g = base_graph(text, seed, steps, cfg, ["10", 0], ["4", 0], 1.0)
-    g["4"] = {"class_type": "EmptyLatentImage", "inputs": {"width": PX, "height": PX, "batch_size": 1}}
+    g["4"] = empty_latent()
     g["8"] = {"class_type": "LoadImage", "inputs": {"image": sketch_file}}
     g["9"] = {"class_type": "AtelierLEPLoader", "inputs": {"lep_name": lep_name}}
     g["10"] = {"class_type": "AtelierSketchGuidance", "inputs": {
@@ -81,6 +101,10 @@ def graph_sdedit(text, seed, steps, cfg, sketch_file, denoise):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="sd15", help="Atelier Mini family (nodes/mini.FAMILIES): sd15, sdxl, pixart")
+    ap.add_argument("--layers", default="default",
+                    help="LEP layers: default (the family row's), every (every DiT block), or comma-separated "
+                         "names (DiT block@<relative depth>, e.g. block@0,block@0.5,block@1)")
     ap.add_argument("--n", type=int, default=None, help="prompts (default 24; 3 quick)")
     ap.add_argument("--seed", type=int, default=7, help="prompt-set seed (world.prompt_set), as bench_quality")
     ap.add_argument("--steps", type=int, default=20)
@@ -93,9 +117,12 @@ def main():
     ap.add_argument("--train-images", type=int, default=None, help="world training images (default 512; 64 quick)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--lep-name", default="mini_sd15_world_s1500")
+    ap.add_argument("--lep-name", default="", help="predictor name (default mini_<family>_world[_<layers>]_s<steps>)")
     ap.add_argument("--retrain", action="store_true", help="train again even if a finished LEP exists")
-    ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--no-unguided", action="store_true",
+                    help="leave out the unguided case (no time ratio, no paired wins): comparing LEP layer choices")
+    ap.add_argument("--train-only", action="store_true", help="train (or load) and score the held-out loss only")
+    ap.add_argument("--tag", default="", help="suffix of the report name (quality_sketch_<family><tag>)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(harness.ROOT / "out" / "quality_sketch"))
     ap.add_argument("--grid", default="", help="PNG path for a grid of the first --grid-n prompts ('' to skip)")
@@ -117,8 +144,29 @@ def main():
     pk = h.pack_module.__name__
     sk = importlib.import_module(pk + ".nodes.sketch")
     mini = importlib.import_module(pk + ".nodes.mini")
+    glue = importlib.import_module(pk + ".nodes.glue")
     world = importlib.import_module(pk + ".models.world")
     metrics = importlib.import_module(pk + ".models.metrics")
+    L = importlib.import_module(pk + ".models.lep")
+    if ns.family not in mini.FAMILIES:
+        ap.error(f"--family: {ns.family!r}; one of {', '.join(mini.FAMILIES)}")
+    with torch.inference_mode():
+        model, clip, vae = mini.load_mini(ns.family)
+    row = glue.family_row(model)
+    configure(ns.family, glue.native_px(model), row.channels)
+    if ns.layers == "default":
+        layer_names, layer_tag = None, ""
+    elif ns.layers == "every":
+        dm = model.model.diffusion_model
+        kind = sk.dit_hooks.kinds(FAMILY)
+        if len(kind) != 1:
+            ap.error(f"--layers every: {row.label} has block kinds {kind}; name the blocks instead")
+        layer_names = L.layer_names(FAMILY, L.every_block(kind[0], len(sk.dit_hooks.blocks(dm, FAMILY, kind[0]))))
+        layer_tag = "_every"
+    else:
+        layer_names = [x.strip() for x in ns.layers.split(",") if x.strip()]
+        layer_tag = "_" + "-".join(x.replace("@", "").replace(".", "") for x in layer_names)
+    layers = sk.lep_layers(model, layer_names)
 
     # Everything this bench writes lives under out/: the input folder (training images, sketches) and the
     # predictor folders, put first so the trainer saves there and the loader lists them.
@@ -134,10 +182,11 @@ def main():
     wstat = wpath.stat()
     weights = {"file": wpath.name, "bytes": wstat.st_size,
                "mtime_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(wstat.st_mtime))}
-    lep_name = f"{ns.lep_name}_{int(wstat.st_mtime)}"   # a new Mini file gets its own predictor
+    base_name = ns.lep_name or f"mini_{FAMILY}_world{layer_tag}_s{train_steps}"
+    lep_name = f"{base_name}_{int(wstat.st_mtime)}"   # a new Mini file gets its own predictor
 
     # ---------------------------------------------------------------- 1. the LEP
-    train_folder = f"lep_world_{ns.train_images}"
+    train_folder = f"lep_world_{ns.train_images}" + ("" if PX == 64 else f"_{PX}px")
     train_dir = input_dir / train_folder
     train_dir.mkdir(exist_ok=True)
     have = len(list(train_dir.glob("*.png")))
@@ -146,18 +195,26 @@ def main():
         for s in world.iter_samples(0, 0, ns.train_images, size=PX):
             Image.fromarray(s.image).save(train_dir / f"world_{s.index:05d}.png")
             (train_dir / f"world_{s.index:05d}.txt").write_text(s.caption)
+    ticks = []      # (step, seconds since start) at every progress call: setup time and seconds per step
+
+    def progress(done, total):
+        ticks.append((done, time.perf_counter() - t0))
     t0 = time.perf_counter()
     with torch.inference_mode():
-        model, clip, vae = mini.load_mini(FAMILY)
         lep, rep = sk.train_lep(model, clip, vae, train_folder, lep_name, steps=train_steps,
                                 batch_size=ns.batch_size, learning_rate=ns.lr, resolution=PX, seed=0,
-                                resume=not ns.retrain, save_every=100)
+                                resume=not ns.retrain, save_every=100, layer_names=layer_names,
+                                progress=progress)
     train_s = time.perf_counter() - t0
     losses = rep["losses"]
     k = max(1, min(20, len(losses) // 10 or 1))
     curve = [round(float(np.mean(losses[i:i + k])), 5) for i in range(0, len(losses), k)] if losses else []
-    training = {"name": lep_name, "path": rep["path"], "steps": train_steps, "batch_size": ns.batch_size,
+    training = {"name": lep_name, "path": rep["path"], "family": FAMILY, "px": PX, "layers": L.layer_names(FAMILY, layers),
+                "feature_channels": int(lep.meta.get("channels", 0)), "steps": train_steps, "batch_size": ns.batch_size,
                 "lr": ns.lr, "images": ns.train_images, "seconds": round(train_s, 1),
+                "setup_seconds": round(ticks[0][1], 1) if ticks else None,
+                "seconds_per_step": (round((ticks[-1][1] - ticks[0][1]) / (ticks[-1][0] - ticks[0][0]), 3)
+                                     if len(ticks) > 1 and ticks[-1][0] > ticks[0][0] else None),
                 "skipped_already_trained": bool(rep.get("skipped")), "final_loss": rep["final_loss"],
                 "final_head_loss": rep.get("final_head_loss", float(lep.meta.get("final_head_loss", "nan"))),
                 "first_loss_mean_of_%d" % k: curve[0] if curve else None,
@@ -168,7 +225,6 @@ def main():
     prompts = world.prompt_set(ns.seed, n, size=PX)
     with torch.inference_mode():
         base = model.model
-        L = importlib.import_module(pk + ".models.lep")
         held = []
         tgts = []
         for p in prompts:
@@ -182,11 +238,11 @@ def main():
                 x0 = sk.vae_encode(vae, base, img)
                 tgt = tgts[i]
                 t = torch.tensor([float(t_val)])
-                sigma = base.model_sampling.sigma(t)
+                sigma = sk.lep_sigma(base.model_sampling, t)
                 z = base.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), torch.randn(
                     x0.shape, generator=torch.Generator().manual_seed(i)), x0)
                 kw = sk.encode_text(base, clip, p.caption, z)
-                with L.FeatureCapture(base.diffusion_model, FAMILY) as cap:
+                with sk.feature_capture(base.diffusion_model, FAMILY, layers, tuple(z.shape[-2:])) as cap:
                     x0_hat = base.apply_model(z, sigma, **kw)
                     f = L.concat_features(cap.take(), tuple(z.shape[-2:]))
 
@@ -206,7 +262,8 @@ def main():
         training["held_out"] = held
     print("held-out LEP loss on the benchmark sketches (vs the best constant map; spatial correlation):", held)
     if ns.train_only:
-        harness.report("quality_sketch_train", [], {"training": training, "mini_weights": weights})
+        harness.report(f"quality_sketch_train_{FAMILY}{layer_tag}{ns.tag}", [], {"training": training,
+                                                                                "mini_weights": weights})
         return
 
     # ---------------------------------------------------------------- 2. sampling
@@ -215,12 +272,12 @@ def main():
     sk_dir.mkdir(exist_ok=True)
     sketch_files = []
     for i, p in enumerate(prompts):
-        f = sk_dir / f"sketch_{ns.seed}_{i:03d}.png"
+        f = sk_dir / (f"sketch_{ns.seed}_{i:03d}.png" if PX == 64 else f"sketch_{ns.seed}_{PX}px_{i:03d}.png")
         Image.fromarray(np.where(p.edges, 0, 255).astype("uint8")).convert("RGB").save(f)
         sketch_files.append(f"sketches/{f.name}")
     betas = [float(b) for b in ns.betas.split(",") if b.strip()]
     denoises = [float(d) for d in ns.denoise.split(",") if d.strip()]
-    cases = [("unguided", lambda i, p: graph_unguided(p.caption, i, ns.steps, ns.cfg))]
+    cases = [] if ns.no_unguided else [("unguided", lambda i, p: graph_unguided(p.caption, i, ns.steps, ns.cfg))]
     forms = [f.strip() for f in ns.forms.split(",") if f.strip()]
     for form in forms:
         for b in betas:
@@ -257,7 +314,7 @@ def main():
     per_image = {}
     ref_images = [p.image.astype("float32") / 255.0 for p in prompts]
     all_cases = [c for c, _ in cases] + ["world rendering (ceiling)"]
-    unguided_med = statistics.median(seconds["unguided"])
+    unguided_med = statistics.median(seconds["unguided"]) if "unguided" in seconds else None
     for c in all_cases:
         imgs = ref_images if c.startswith("world") else images[c]
         sa, per = sketch_scores(imgs, sketches)
@@ -268,6 +325,7 @@ def main():
                **{f"prompt_{s}": pa[s] for s in SCORES}}
         if c in seconds:
             row["median_s"] = statistics.median(seconds[c])
+        if c in seconds and unguided_med:
             row["ratio"] = row["median_s"] / unguided_med
             row["ratio_per_image_median"] = statistics.median(
                 a / b for a, b in zip(seconds[c], seconds["unguided"]))
@@ -275,7 +333,7 @@ def main():
         rows.append(row)
     # paired comparison of each case against unguided (same prompt, same noise seed)
     for r in rows:
-        if r["case"] in images and r["case"] != "unguided":
+        if r["case"] in images and r["case"] != "unguided" and "unguided" in images:
             a, b = per_image[r["case"]], per_image["unguided"]
             r["f1_wins_vs_unguided"] = f"{sum(x > y for x, y in zip(a, b))}/{n}"
 
@@ -297,7 +355,8 @@ def main():
                   for c, _ in cases]
         save_grid(Path(ns.grid), grows)
         print(f"grid: {ns.grid}")
-    harness.report("quality_sketch", rows, {
+    harness.report("quality_sketch" + ("" if FAMILY == "sd15" else f"_{FAMILY}") + layer_tag + ns.tag, rows, {
+        "family": FAMILY, "px": PX, "layers": training["layers"],
         "training": training, "mini_weights": weights, "prompt_seed": ns.seed, "steps": ns.steps, "cfg": ns.cfg,
         "sampler": "euler/normal, negative '', noise seed = prompt index", "threads": ns.threads,
         "prompt_chance": chance, "per_image_f1": per_image,
