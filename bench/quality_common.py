@@ -2,9 +2,9 @@
 (bench_quality_coop.py, bench_quality_time.py): the common graph nodes, the case runner, prompt
 adherence per case and the paired statistics.
 
-Graph node ids: L1/L2 the Mini sd15/sdxl loaders, P1/N1 and P2/N2 their positive/empty negative
-prompts, E1 an empty 64 px latent (sd15), E2 an empty 128 px latent (sdxl); a case's picture is the
-VAEDecode at node "OUT".
+Graph node ids: L1/L2 the Mini loaders of a pair of families (default sd15, sdxl), P1/N1 and P2/N2
+their positive/empty negative prompts, E1/E2 an empty latent at each one's size (default 64 px, 128 px);
+a case's picture is the VAEDecode at node "OUT".
 """
 from __future__ import annotations
 
@@ -44,29 +44,30 @@ def boot(ns):
 
 
 # ----------------------------------------------------------------------------------- graphs
-def base_graph(text: str) -> dict:
-    """Both Mini families loaded, their prompts encoded and one empty latent each."""
-    return {
-        "L1": {"class_type": "AtelierMiniCheckpointLoader", "inputs": {"family": "sd15"}},
-        "L2": {"class_type": "AtelierMiniCheckpointLoader", "inputs": {"family": "sdxl"}},
-        "P1": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["L1", 1]}},
-        "N1": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["L1", 1]}},
-        "P2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["L2", 1]}},
-        "N2": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["L2", 1]}},
-        "E1": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "E2": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
-    }
+PAIR = ("sd15", "sdxl")
 
 
-def family_refs(fam: str) -> tuple[list, list, list]:
+def base_graph(text: str, families: tuple[str, str] = PAIR, px: tuple[int, int] = (64, 128)) -> dict:
+    """Both Mini families loaded (L1, L2), their prompts encoded and one empty latent each (E1, E2 at
+    ``px``)."""
+    g = {}
+    for i, (fam, side) in enumerate(zip(families, px), 1):
+        g[f"L{i}"] = {"class_type": "AtelierMiniCheckpointLoader", "inputs": {"family": fam}}
+        g[f"P{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": [f"L{i}", 1]}}
+        g[f"N{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": [f"L{i}", 1]}}
+        g[f"E{i}"] = {"class_type": "EmptyLatentImage", "inputs": {"width": side, "height": side, "batch_size": 1}}
+    return g
+
+
+def family_refs(fam: str, families: tuple[str, str] = PAIR) -> tuple[list, list, list]:
     """The MODEL, positive and negative of a family in base_graph."""
-    i = "1" if fam == "sd15" else "2"
+    i = families.index(fam) + 1
     return [f"L{i}", 0], [f"P{i}", 0], [f"N{i}", 0]
 
 
-def ksampler(fam: str, latent, seed, steps, cfg) -> dict:
+def ksampler(fam: str, latent, seed, steps, cfg, families: tuple[str, str] = PAIR) -> dict:
     """Core KSampler on a family of base_graph, euler/normal, full denoise."""
-    model, pos, neg = family_refs(fam)
+    model, pos, neg = family_refs(fam, families)
     return {"class_type": "KSampler", "inputs": {
         "model": model, "positive": pos, "negative": neg, "latent_image": latent, "seed": seed,
         "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
