@@ -26,7 +26,7 @@ at step k of its own schedule, as two KSamplerAdvanced with the same step counts
                      workflows/coop_sd15_sdxl_fused.json (d 0.6, bridge_every 2, window 0..0.8)
 
 Coherence (``models/metrics.handoff_coherence``: edge F1 at 2 px, Chamfer, RGB-histogram
-intersection, low-frequency PSNR; compared at 64 px) of each final picture against two stage-1
+intersection, low-frequency PSNR; compared at the smaller size, 64 px here) of each final picture against two stage-1
 pictures: ``x0@k`` (sd15's clean estimate at the switch, from KSamplerAdvanced 0..k without leftover
 noise, decoded) and ``sd15 alone`` (the full sd15 picture with the same seed). Two yardsticks:
 ``sdxl alone`` vs the stage-1 pictures (same prompt, no shared trajectory) and a shuffled level
@@ -54,13 +54,17 @@ PAIRS = {"sd15-sdxl": ("sd15", "sdxl"), "sdxl-pixart": ("sdxl", "pixart"), "pixa
 
 
 class Pair:
-    """Stage 1 -> stage 2 families of Mini, their native sizes (nodes/mini.native_px) and the bridge scale."""
+    """Stage 1 -> stage 2 families of Mini, their native sizes (nodes/mini.native_px), the bridge scale and
+    whether they share a latent space (the family table, glue.FAMILIES)."""
 
-    def __init__(self, name: str, mini):
+    def __init__(self, name: str, mini, glue):
         self.name = name
         self.families = PAIRS[name]
         self.px = tuple(mini.native_px(f) for f in self.families)
         self.scale = self.px[1] / self.px[0]
+        rows = [glue.FAMILIES[f] for f in self.families]
+        self.latents = tuple(f"{r.latent_format.__name__} {r.channels} ch" for r in rows)
+        self.same_latent_space = rows[0].latent_format is rows[1].latent_format
 
     def label(self, case: str) -> str:
         return case.replace("stage1", self.families[0]).replace("stage2", self.families[1])
@@ -137,7 +141,7 @@ def main():
     ns = ap.parse_args()
     k = round(ns.switch * ns.steps)
     h, pkg, world, metrics, n = boot(ns)
-    pair = Pair(ns.pair, importlib.import_module(pkg + ".nodes.mini"))
+    pair = Pair(ns.pair, importlib.import_module(pkg + ".nodes.mini"), importlib.import_module(pkg + ".nodes.glue"))
     default = ns.pair == "sd15-sdxl"
     suffix = "" if default else "_" + ns.pair.replace("-", "_")
     ns.name = ns.name or "quality_coop" + suffix
@@ -196,7 +200,8 @@ def main():
 
     counts = [len(p.objects) for p in prompts]
     chance = metrics.chance_levels(sorted(set(counts)))
-    print(f"\n{pair.families[0]} {pair.px[0]} px -> {pair.families[1]} {pair.px[1]} px (scale {pair.scale:g}). "
+    print(f"\n{pair.families[0]} {pair.px[0]} px -> {pair.families[1]} {pair.px[1]} px (scale {pair.scale:g}; latents "
+          f"{' / '.join(pair.latents)}, {'one' if pair.same_latent_space else 'two'} latent space(s)). "
           f"Prompt adherence, N={n} prompts (seed {ns.seed}), {ns.steps} steps, cfg {ns.cfg}, switch at step {k}")
     cols = ("case", "px", "object", "color", "shape", "count_match", "mean_detected", "shuffled_object",
             "shuffled_color", "shuffled_shape", "margin_object", "margin_color", "margin_shape", "median_s")
@@ -230,7 +235,7 @@ def main():
         except Exception as e:  # noqa: BLE001 - informative only
             weights[fam] = repr(e)
     harness.report(ns.name, rows + coh_rows, {
-        "pair": ns.pair, "px": pair.px, "scale": pair.scale, "chance": chance, "prompt_seed": ns.seed, "steps": ns.steps, "cfg": ns.cfg, "switch_step": k,
+        "pair": ns.pair, "px": pair.px, "scale": pair.scale, "latents": pair.latents, "chance": chance, "prompt_seed": ns.seed, "steps": ns.steps, "cfg": ns.cfg, "switch_step": k,
         "mini_train_steps": weights, "paired_differences": diffs,
         "paired_adherence_differences": adh_diffs, "mean_requested_objects": statistics.mean(counts),
         "seconds_note": "median wall seconds per image on a shared 2-core CPU (one torch thread), noisy",
