@@ -42,7 +42,8 @@ import numpy as np
 __all__ = [
     "COLORS", "SHAPES", "SIZES", "SIZE_RADIUS", "BACKGROUNDS", "RELATIONS", "VOCABULARY",
     "WorldConfig", "WorldObject", "ObjectSpec", "Background", "Sample", "Request",
-    "sample", "iter_samples", "prompt_sample", "prompt_set", "render", "caption_for", "parse_caption",
+    "sample", "iter_samples", "prompt_sample", "prompt_set", "render", "caption_for", "without_colours",
+    "parse_caption",
     "relation", "edges_from_masks", "rgb_to_lab",
 ]
 
@@ -248,6 +249,13 @@ def caption_for(objects: Sequence[WorldObject], background: Background | str | N
             raise ValueError(f"caption_for: unknown background {kind!r}; choose from {list(BACKGROUNDS)}")
         text += f" on a {kind} background"
     return text
+
+
+def without_colours(caption: str) -> str:
+    """``caption`` with its colour words removed and its articles fixed ("an orange ring left of a blue star" ->
+    "a ring left of a star"): shapes, sizes, layout and background are still named, the colours left open."""
+    text = " ".join(w for w in caption.split() if w.rstrip(",") not in COLORS)
+    return re.sub(r"\b(an?) (\w)", lambda m: f"{_article(m.group(2))} {m.group(2)}", text)
 
 
 _SIZE_FROM_WORD = {"small": "small", "large": "large", "big": "large", "tiny": "small"}

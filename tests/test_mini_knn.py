@@ -143,3 +143,45 @@ def test_training_runs_and_resumes(comfy, mini, tmp_path):
     model, clip, vae, cv = mini.load_mini_unclip(out)
     assert model.model.diffusion_model.input_blocks[0][0].weight.abs().sum() > 0
     assert mini.load_mini_knn_embedder(out).embed_texts(["a red circle"]).shape == (1, 32)
+
+
+def test_captions_without_colours_name_the_same_shapes_and_no_colour(pack):
+    """world.without_colours (the bench's shape prompts, the trainer's --colour-drop): every colour word goes, the
+    shapes, sizes and their order stay, articles follow English."""
+    world = importlib.import_module(pack.__name__ + ".models.world")
+    assert world.without_colours("an orange ring left of a blue star") == "a ring left of a star"
+    for s in world.prompt_set(7, 48):
+        text = world.without_colours(s.caption)
+        asked = world.parse_caption(text)
+        assert [(r.shape, r.size) for r in asked] == [(o.shape, o.size if o.size != "medium" else None)
+                                                     for o in s.objects], (s.caption, text)
+        assert not any(r.color for r in asked) and " an " not in f" {text} ", text
+
+
+def test_fine_tune_keeps_the_open_clip_and_reads_captions_without_colours(comfy, mini, tmp_path):
+    """tools/train_mini_knn.py --init: the UNet trains on from the shipped file, the open_clip (so every index
+    built with it) stays bit-identical, and --colour-drop changes what the UNet is trained on."""
+    from safetensors import safe_open
+    tmk = load_tool("train_mini_knn")
+    shipped = mini.weights_path(mini.KNN_FAMILY)
+    kw = dict(seed=3, init=shipped, unet_steps=2, batch=4, data=32, every=2, caption_drop=0.0, lr=1e-3)
+    outs = {}
+    for drop in (1e-9, 1.0):  # both draw the colour-drop mask (the same random stream); only 1.0 drops words
+        outs[drop] = tmp_path / f"ft_{drop}.safetensors"
+        s = tmk.train(out=outs[drop], ckpt_dir=tmp_path / f"ckpt_{drop}", colour_drop=drop, **kw)
+        assert s["steps"] == 2 and "atelier_mini_knn.safetensors" in s["fine_tuned_from"]
+
+    def tensors(path):
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    base, _ = tensors(shipped)
+    (a, meta_a), (b, meta_b) = tensors(outs[1e-9]), tensors(outs[1.0])
+    assert set(a) == set(base) == set(b)
+    clip_keys = [k for k in base if k.startswith("open_clip.")]
+    assert clip_keys and all(torch.equal(base[k], a[k]) and torch.equal(base[k], b[k]) for k in clip_keys)
+    unet_keys = [k for k in base if k.startswith("unet.") and k.endswith(".q8")]
+    assert any(not torch.equal(base[k], a[k]) for k in unet_keys), "the UNet must train on from the file"
+    assert any(not torch.equal(a[k], b[k]) for k in unet_keys), "--colour-drop must change the captions trained on"
+    assert (meta_a["colour_drop"], meta_b["colour_drop"]) == ("1e-09", "1.0") and "fine_tuned_from" in meta_b
+    assert mini.load_mini_knn_embedder(outs[1.0]).name.startswith("open_clip:atelier-mini-knn:")
+    mini.load_mini_unclip(outs[1.0])

@@ -20,6 +20,15 @@ Two models, written together to ``weights/atelier_mini_knn.safetensors`` (``mode
      30% caption dropout (so the picture follows the image embedding, not only the words).
 Every random draw comes from generators seeded by (seed, step); both phases checkpoint (safetensors + JSON,
 no pickle) to ``out/mini_ckpt/knn_seed<seed>/`` and resume with --resume.
+
+Fine-tuning a shipped file (``--init weights/atelier_mini_knn.safetensors``): the open_clip is taken as it is
+(no phase 1: the embeddings, hence every index built with it, stay what they were) and the UNet phase starts
+from the file's UNet, here with ``--caption-drop`` / ``--colour-drop`` (the caption with its colour words
+removed, ``world.without_colours``: the text names shapes and layout, the colours must come from the image
+embedding) and ``--lr``; checkpoints go to ``out/mini_ckpt/knn_seed<seed>_ft/``.
+
+    nice -n 5 python tools/train_mini_knn.py --init weights/atelier_mini_knn.safetensors --steps 1200 \
+        --caption-drop 0.3 --colour-drop 0.4 --lr 5e-4 --data 6000
 """
 from __future__ import annotations
 
@@ -188,13 +197,14 @@ def unclip_adm(aug, emb, levels, noise):
     return torch.cat((z, aug.time_embed(levels)), 1)
 
 
-def train_unet(base, cond_model, x0_all, emb_all, toks, empty, seed, steps, batch, ckpt, every, resume, curve):
+def train_unet(base, cond_model, x0_all, emb_all, toks, empty, seed, steps, batch, ckpt, every, resume, curve,
+               lr=UNET_LR, caption_drop=CAPTION_DROP, colour_drop=0.0, toks_no_colour=None):
     from tqdm import tqdm
     named = {f"unet.{k}": p for k, p in base.diffusion_model.named_parameters()}
     params = list(named.values())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=UNET_LR, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = tm.EmaWeights(named, log)
     start, prev = ema.resume(ckpt, "unet", opt, curve) if resume and ckpt else (0, 0.0)
     ms, aug = base.model_sampling, base.noise_augmentor
@@ -204,9 +214,13 @@ def train_unet(base, cond_model, x0_all, emb_all, toks, empty, seed, steps, batc
     for step in tqdm(range(start, steps), desc="unet unclip", initial=start, total=steps, mininterval=10):
         g = tm.gen(seed, 12, step)
         idx = torch.randint(0, n, (batch,), generator=g)
-        drop_txt = torch.rand(batch, generator=g) < CAPTION_DROP
+        drop_txt = torch.rand(batch, generator=g) < caption_drop
         drop_img = torch.rand(batch, generator=g) < IMAGE_DROP
-        tk = {k: torch.where(drop_txt[:, None], empty[k][None], v[idx]) for k, v in toks.items()}
+        tk = {k: v[idx] for k, v in toks.items()}
+        if colour_drop > 0:  # drawn only then: a run without it keeps the draws of the shipped recipe
+            drop_col = torch.rand(batch, generator=g) < colour_drop
+            tk = {k: torch.where(drop_col[:, None], toks_no_colour[k][idx], v) for k, v in tk.items()}
+        tk = {k: torch.where(drop_txt[:, None], empty[k][None], v) for k, v in tk.items()}
         t = torch.randint(0, len(ms.sigmas), (batch,), generator=g)
         sigma = ms.sigmas[t].float()
         x0 = x0_all[idx]
@@ -218,7 +232,7 @@ def train_unet(base, cond_model, x0_all, emb_all, toks, empty, seed, steps, batc
         with torch.no_grad():
             context, _ = tm.encode_text(cond_model, BASE_FAMILY, tk)
         xt = x0 + eps * sigma.view(-1, 1, 1, 1)
-        tm.set_lr(opt, UNET_LR, step, steps, min(200, steps // 10 + 1), "const", max(0, steps // 5))
+        tm.set_lr(opt, lr, step, steps, min(200, steps // 10 + 1), "const", max(0, steps // 5))
         out = base.diffusion_model(ms.calculate_input(sigma, xt), ms.timestep(sigma).float(),
                                    context=context.float(), y=adm)
         loss = F.mse_loss(out.float(), eps)
@@ -238,8 +252,30 @@ def train_unet(base, cond_model, x0_all, emb_all, toks, empty, seed, steps, batc
 # ------------------------------------------------------------------------------------------
 # the whole run
 
+def caption_tokens(clip, texts) -> dict[str, torch.Tensor]:
+    """Token ids {"l": (N, 77) long} of ``texts``, as train_mini.load_data tokenises captions."""
+    memo: dict[str, dict] = {}
+    for t in texts:
+        if t not in memo:
+            memo[t] = {k: [i for i, _w in sec[0]] for k, sec in clip.tokenize(t).items()}
+    per = [memo[t] for t in texts]
+    return {k: torch.tensor([p[k] for p in per], dtype=torch.long) for k in per[0]}
+
+
+def read_init(fmt, path: Path) -> tuple[dict, dict]:
+    """(parts, metadata) of a Mini kNN file to fine-tune from."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata() or {})
+        flat = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("family") != FAMILY:
+        raise SystemExit(f"--init {path}: not an Atelier Mini kNN file (family {meta.get('family')!r})")
+    return fmt.unpack(flat, required=("unet", "open_clip")), meta
+
+
 def train(seed=0, clip_steps=1500, clip_batch=256, unet_steps=3000, batch=32, data=8000, out=None,
-          ckpt_dir=None, resume=False, every=250, base_path=None) -> dict:
+          ckpt_dir=None, resume=False, every=250, base_path=None, init=None, lr=UNET_LR, caption_drop=CAPTION_DROP,
+          colour_drop=0.0) -> dict:
     pkg, tiny, world, fmt, knn_embed = modules()
     base_path = Path(base_path or ROOT / "weights" / f"atelier_mini_{BASE_FAMILY}.safetensors")
     ckpt = tm.Checkpoint(Path(ckpt_dir)) if ckpt_dir else None
@@ -252,15 +288,24 @@ def train(seed=0, clip_steps=1500, clip_batch=256, unet_steps=3000, batch=32, da
     caption_ids = torch.tensor([uniq[c] for c in captions])
     log.info("data: %d images, %d distinct captions (%.0f s)", len(images), len(uniq), time.time() - t0)
 
-    cfg = open_clip_config(tiny)
+    init_parts, init_meta = read_init(fmt, Path(init)) if init else (None, {})
+    cfg = json.loads(init_meta["open_clip_config"]) if init else open_clip_config(tiny)
     oc = knn_embed.random_open_clip(cfg, seed + 5)
     tokenizer = knn_embed._make_tokenizer(cfg)
     text_tokens = tokenizer(list(captions))
     pixels = clip_inputs(knn_embed, images)
-    clip_curve: list = []
-    rc = train_clip(oc, pixels, text_tokens, caption_ids, seed, clip_steps, clip_batch, ckpt, every, resume,
-                    clip_curve)
-    scale = unit_rms(oc, pixels)
+    clip_curve: list = json.loads(init_meta["curve"])["open_clip"] if init else []
+    if init:  # the open_clip as shipped: its embeddings (and the indexes built with them) do not change
+        oc.load_state_dict(init_parts["open_clip"], strict=True)
+        oc.eval().requires_grad_(False)
+        loss = json.loads(init_meta["loss"])["open_clip"]
+        rc = {"loss": loss, "seconds": float(init_meta["train_seconds"])}  # train_seconds: the first run's + this
+        clip_steps, clip_batch = int(init_meta["clip_steps"]), int(init_meta["clip_batch"])
+        scale = float(init_meta["embedding_scale"])
+    else:
+        rc = train_clip(oc, pixels, text_tokens, caption_ids, seed, clip_steps, clip_batch, ckpt, every, resume,
+                        clip_curve)
+        scale = unit_rms(oc, pixels)
     acc = retrieval_accuracy(oc, pixels, text_tokens, caption_ids)
     log.info("open_clip done: loss %s, embedding scale %.4f, text->image top-1 %.3f", rc["loss"], scale, acc)
 
@@ -268,18 +313,27 @@ def train(seed=0, clip_steps=1500, clip_batch=256, unet_steps=3000, batch=32, da
     patcher = tiny.build_unclip_model(seed)
     base = patcher.model
     with torch.no_grad():
-        for name, p in base.diffusion_model.named_parameters():
-            if any(z in name for z in tm.ZERO_INIT):
-                p.zero_()
+        if init:
+            base.diffusion_model.load_state_dict(init_parts["unet"], strict=True)
+        else:
+            for name, p in base.diffusion_model.named_parameters():
+                if any(z in name for z in tm.ZERO_INIT):
+                    p.zero_()
     x0_all = ((u / taesd.vae_scale + taesd.vae_shift) * base.latent_format.scale_factor).float()
     emb_all = embed_all(oc, pixels)
     log.info("latents std %.3f, embeddings rms %.3f", x0_all.std().item(), emb_all.pow(2).mean().sqrt().item())
     unet_curve: list = []
+    toks_no_colour = caption_tokens(clip, [world.without_colours(c) for c in captions]) if colour_drop > 0 else None
     ru = train_unet(base, clip.cond_stage_model, x0_all, emb_all, toks, empty, seed, unet_steps, batch, ckpt, every,
-                    resume, unet_curve)
+                    resume, unet_curve, lr, caption_drop, colour_drop, toks_no_colour)
     summary = {
         "family": FAMILY, "seed": seed, "steps": ru["steps"], "clip_steps": clip_steps, "clip_batch": clip_batch,
-        "batch": batch, "data": data, "px": PX, "lr": UNET_LR, "clip_lr": CLIP_LR,
+        "batch": batch, "data": data, "px": PX, "lr": lr, "clip_lr": CLIP_LR,
+        "caption_drop": caption_drop, "colour_drop": colour_drop, "image_drop": IMAGE_DROP,
+        "unet_seconds": round(ru["seconds"], 1),
+        "fine_tuned_from": (f"{Path(init).name} sha256 {file_sha256(Path(init))[:16]}, trained {init_meta['steps']} "
+                            f"UNet steps at lr {init_meta['lr']}, caption drop "
+                            f"{init_meta.get('caption_drop', CAPTION_DROP)}") if init else "",
         "train_seconds": round(rc["seconds"] + ru["seconds"], 1), "hardware": tm.hardware(),
         "final_clip_loss": rc["loss"], "final_unet_loss": ru["loss"], "embedding_scale": scale,
         "text_image_top1": acc, "clip_curve": clip_curve, "unet_curve": unet_curve,
@@ -296,7 +350,10 @@ def write_weights(path, fmt, world, base, oc, cfg, tokenizer, text_tokens, summa
                     embedding_keys=(f"open_clip.{OPEN_CLIP_TOKEN_KEY}",))
     meta = {k: str(summary[k]) for k in ("family", "seed", "steps", "clip_steps", "clip_batch", "batch", "data",
                                          "px", "lr", "clip_lr", "train_seconds", "hardware", "embedding_scale",
-                                         "text_image_top1", "base", "base_sha256")}
+                                         "text_image_top1", "base", "base_sha256", "caption_drop", "colour_drop",
+                                         "image_drop", "unet_seconds")}
+    if summary.get("fine_tuned_from"):
+        meta["fine_tuned_from"] = summary["fine_tuned_from"]
     meta.update({"format": fmt.FORMAT, "vocabulary": json.dumps(list(world.VOCABULARY)),
                  "open_clip_config": json.dumps(cfg),
                  "loss": json.dumps({"open_clip": summary["final_clip_loss"], "unet": summary["final_unet_loss"]}),
@@ -323,13 +380,19 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="default weights/atelier_mini_knn.safetensors")
     ap.add_argument("--ckpt-dir", default=None, help="default out/mini_ckpt/knn_seed<seed>")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", default=None, help="fine-tune the UNet of this Mini kNN file (its open_clip is kept)")
+    ap.add_argument("--lr", type=float, default=UNET_LR, help="UNet learning rate")
+    ap.add_argument("--caption-drop", type=float, default=CAPTION_DROP, help="share of empty captions")
+    ap.add_argument("--colour-drop", type=float, default=0.0,
+                    help="share of captions with their colour words removed (the colours left to the image embedding)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     out = args.out or ROOT / "weights" / "atelier_mini_knn.safetensors"
-    ckpt_dir = args.ckpt_dir or ROOT / "out" / "mini_ckpt" / f"knn_seed{args.seed}"
+    ckpt_dir = args.ckpt_dir or ROOT / "out" / "mini_ckpt" / f"knn_seed{args.seed}{'_ft' if args.init else ''}"
     s = train(args.seed, args.clip_steps, args.clip_batch, args.steps, args.batch, args.data, out, ckpt_dir,
-              args.resume, args.every)
+              args.resume, args.every, init=args.init, lr=args.lr, caption_drop=args.caption_drop,
+              colour_drop=args.colour_drop)
     print(json.dumps({k: v for k, v in s.items() if not k.endswith("curve")}, indent=1))
 
 
