@@ -25,10 +25,11 @@ Fine-tuning a shipped file (``--init weights/atelier_mini_knn.safetensors``): th
 (no phase 1: the embeddings, hence every index built with it, stay what they were) and the UNet phase starts
 from the file's UNet, here with ``--caption-drop`` / ``--colour-drop`` (the caption with its colour words
 removed, ``world.without_colours``: the text names shapes and layout, the colours must come from the image
-embedding) and ``--lr``; checkpoints go to ``out/mini_ckpt/knn_seed<seed>_ft/``.
+embedding) and ``--lr``; checkpoints go to ``out/mini_ckpt/knn_seed<seed>_ft/``. The shipped file is the first
+run (3000 UNet steps, ``--data 6000``) fine-tuned so (its metadata says which file it started from):
 
-    nice -n 5 python tools/train_mini_knn.py --init weights/atelier_mini_knn.safetensors --steps 1200 \
-        --caption-drop 0.3 --colour-drop 0.4 --lr 5e-4 --data 6000
+    nice -n 5 python tools/train_mini_knn.py --init weights/atelier_mini_knn.safetensors --steps 900 --data 6000 \
+        --colour-drop 0.5 --caption-drop 0.3 --lr 5e-4 --every 100
 """
 from __future__ import annotations
 
