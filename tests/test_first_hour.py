@@ -118,6 +118,22 @@ def test_no_line_when_everything_ran():
     assert line.startswith("[atelier] WARNING: 1 of 7 tests did NOT run") and "pytest -rs" in line
 
 
+def test_test_command_runs_one_worker_per_core_unless_told_otherwise():
+    """`test` runs pytest-xdist with a worker per core (capped), a module's tests on one worker; what the user
+    passes wins, and runs that need one process (output shown, a debugger) get one."""
+    atelier = load_tool("atelier")
+    assert atelier.DEV_MODULES["xdist"] == "pytest-xdist"  # installed into .tools/ under its module's name
+    two = ["-n", "2", "--dist", "loadfile"]
+    assert atelier.xdist_args([], True, cores=2) == two
+    assert atelier.xdist_args(["-k", "tiny", "-x", "--durations=20"], True, cores=2) == two
+    assert atelier.xdist_args([], True, cores=64) == ["-n", str(atelier.MAX_WORKERS), "--dist", "loadfile"]
+    assert atelier.xdist_args([], True, cores=1) == []
+    assert atelier.xdist_args([], False, cores=2) == []
+    for told in (["-n", "0"], ["-n3"], ["--numprocesses=3"], ["-p", "no:xdist"], ["--dist", "load"], ["-s"],
+                 ["--capture=no"], ["--pdb"], ["-x", "--trace"]):
+        assert atelier.xdist_args(told, True, cores=2) == [], told
+
+
 def test_tools_dir_keeps_only_what_the_environment_lacks(tmp_path, monkeypatch):
     """Test tools go to .tools/ (pip --target); a dependency the environment already has (here: pytest
     itself, standing for e.g. packaging) is removed there, so it never shadows ComfyUI's copy."""

@@ -128,7 +128,9 @@ def _req_name(line: str) -> str:
 # One folder per Python environment (what it holds was chosen and pruned against that environment).
 TOOLS_DIR = ROOT / ".tools" / (f"py{sys.version_info[0]}{sys.version_info[1]}-"
                                + __import__("hashlib").sha1(sys.prefix.encode()).hexdigest()[:8])
-DEV_MODULES = {line.strip().replace("-", "_"): line.strip()
+# A tool whose module is not named like its distribution ('-' -> '_'): its module here.
+IMPORT_NAMES = {"pytest-xdist": "xdist"}
+DEV_MODULES = {IMPORT_NAMES.get(line.strip(), line.strip().replace("-", "_")): line.strip()
                for line in (ROOT / "requirements-dev.txt").read_text().splitlines()
                if line.strip() and not line.lstrip().startswith("#")}
 
@@ -516,6 +518,36 @@ def skip_summary(total: int, reasons: list[str]) -> str | None:
             + "; ".join(parts))
 
 
+MAX_WORKERS = 4  # each pytest-xdist worker boots its own in-process ComfyUI (~1.5 GB with the tiny models)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def xdist_args(args: list[str], have_xdist: bool, cores: int | None = None) -> list[str]:
+    """pytest-xdist's arguments for the suite: one worker per core (at most MAX_WORKERS), each test module on
+    one worker (``--dist loadfile``: a module's tests share its module fixtures: trained predictors, servers,
+    generated files). None when the user chose (``-n``/``--numprocesses``, ``-p no:xdist``, ``--dist``), when
+    the run needs one process (``-s``/``--capture=no``: workers do not forward output; ``--pdb``/``--trace``),
+    with one core, or without xdist."""
+    cores = _cores() if cores is None else cores
+    if not have_xdist or cores < 2:
+        return []
+    for i, a in enumerate(args):
+        nxt = args[i + 1] if i + 1 < len(args) else ""
+        if (a.startswith("-n") and not a.startswith("--")) or a.startswith(("--numprocesses", "--dist", "--tx")):
+            return []
+        if (a == "-p" and nxt in ("no:xdist", "xdist")) or a in ("-pno:xdist", "-p=no:xdist"):
+            return []
+        if a in ("-s", "--capture=no", "--pdb", "--trace") or (a == "--capture" and nxt == "no"):
+            return []
+    return ["-n", str(min(cores, MAX_WORKERS)), "--dist", "loadfile"]
+
+
 def cmd_test(ns) -> int:
     if not ns.no_install:
         still = ensure_dev_tools()
@@ -537,8 +569,12 @@ def cmd_test(ns) -> int:
         junit = Path(tmp) / "junit.xml"
         own_junit = not any(a.startswith("--junit") for a in args)
         extra = [f"--junitxml={junit}", "-o", "junit_family=xunit1"] if own_junit else []
-        cmd = [sys.executable, "-m", "pytest"] + targets + args + extra
-        print("[atelier] " + " ".join(cmd[:3] + targets + args), flush=True)
+        workers = xdist_args(args, have_xdist=not _missing_modules(["xdist"]))
+        if not workers and _missing_modules(["xdist"]):
+            print("[atelier] pytest-xdist is missing: the tests run in one process (python3 tools/atelier.py test "
+                  "without --no-install installs it into .tools/)", flush=True)
+        cmd = [sys.executable, "-m", "pytest"] + targets + workers + args + extra
+        print("[atelier] " + " ".join(cmd[:3] + targets + workers + args), flush=True)
         rc = subprocess.call(cmd, cwd=str(ROOT), env=env)
         total, reasons = _skips(junit) if own_junit else (0, [])
     if rc == 5:
