@@ -56,6 +56,27 @@ def build_wide_flux(double: int, single: int, seed: int = 0):
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
+PIXART_WIDE_PX = 512      # PixArt-Σ's 512 px model (input_size 64); its 1024 px one is input_size 128
+PIXART_TEXT_TOKENS = 300  # PixArt-Σ's T5 prompt length
+
+
+def build_wide_pixart(depth: int, px: int = PIXART_WIDE_PX, seed: int = 0):
+    """PixArt-Σ at real width with ``depth`` blocks, random weights, fp32: the widths core detection hard-codes for a
+    PixArt-Σ file (``tiny_family.DETECTED_CONFIGS``: hidden 1152, 16 heads, patch 2, caption width 4096), at
+    ``px`` (input_size = px / 8)."""
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from pure_models import load_models
+    tiny = importlib.import_module(harness.boot().pack_module.__name__ + ".nodes.tiny_family")
+    cls, unet = tiny.DETECTED_CONFIGS["pixart"]
+    cfg = cls(dict(unet, depth=depth, input_size=px // 8))
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({})
+    load_models("seeded_init").seeded_init_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=None, help="steps of the tiny rows (default 10)")

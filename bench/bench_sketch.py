@@ -8,7 +8,22 @@ per-run non-inference weight copies. Then adherence on the tiny SD1.5 model: the
 against a sketch (lower is better) for unguided / paper / fast / grad_every 2, over a few seeds, with an LEP trained
 here for a few dozen steps (random weights: a plumbing-level signal, not image quality).
 
+DiT rows (``--dit-only`` runs just these): the same three cases (core, paper form, fast form) on DiTs at real
+width with few blocks, random weights, fp32, built by bench/bench_dit.py's builders: ComfyUI's Flux (hidden 3072,
+24 heads, T5 context 4096 x 256 tokens, ``--flux-blocks`` double x single, default 1x1) at 512 px, FluxGuidance
+3.5, cfg 1 (one model call per step), and PixArt-Σ (hidden 1152, 16 heads, caption width 4096 x 300 tokens,
+``--pixart-depth`` blocks, default 4) at 512 px (its 512 px model's input size 64), cfg 4.5 (cond + uncond
+batched). The LEPs are untrained predictors of the right input width (blocks read x hidden) and 16 / 4 output
+channels: the cost does not depend on their weights. Euler, ``--dit-steps`` (default 2) with the default 0-50 %
+window (it guides the first step, and the second where that one's sigma lies on the 50 % boundary, as on Flux: the
+rows say how many were guided), ``--dit-repeats`` (default 3) interleaved repeats (core, paper, fast in each, the
+order rotated per repeat); the ratio is on the process CPU seconds of a whole KSampler run (one torch thread: less
+exposed to the shared machine's load than wall time), per repeat, median with min-max; peak RSS above each run's
+start, freed memory handed back to the OS (malloc_trim) before each run.
+
     python bench/bench_sketch.py [--steps 8] [--no-full] [--threads 1]
+    python bench/bench_sketch.py --dit-only [--dit-steps 2] [--dit-repeats 3] [--flux-blocks 1x1] [--pixart-depth 4]
+        [--no-pixart] [--no-flux]
 """
 from __future__ import annotations
 
@@ -47,16 +62,131 @@ def measure(fn):
     return out, dt, max(0.0, max(peak[0], _rss_mb()) - start)
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def interleaved(modes: dict, run, reps: int) -> dict:
+    """modes: label -> model; ``run(model)`` samples once. Each repeat runs every mode once, the order rotated per
+    repeat; per label: wall seconds, process CPU seconds and peak RSS above the start (MiB) of each run."""
+    out = {k: {"wall": [], "cpu": [], "mem": []} for k in modes}
+    labels = list(modes)
+    for r in range(reps):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            gc.collect()
+            _malloc_trim()         # freed memory back to the OS: each run's peak RSS above its start is its own
+            c0 = time.process_time()
+            _, wall, mem = measure(lambda: run(modes[label]))
+            out[label]["cpu"].append(time.process_time() - c0)
+            out[label]["wall"].append(wall)
+            out[label]["mem"].append(mem)
+        print(f"repeat {r + 1}/{reps}: " + ", ".join(f"{k} {v['cpu'][-1]:.1f}s" for k, v in out.items()), flush=True)
+    return out
+
+
+def dit_rows(ns, quick: bool) -> tuple[list[dict], dict]:
+    """Core vs paper vs fast form on a real-width Flux and PixArt-Σ with few blocks (the module docstring)."""
+    import statistics
+    import node_helpers
+    import torch
+    import bench_dit
+    pk = harness.boot().pack_module.__name__
+    sk = importlib.import_module(pk + ".nodes.sketch")
+    L = importlib.import_module(pk + ".models.lep")
+    tiny = importlib.import_module(pk + ".nodes.tiny_family")
+    steps = ns.dit_steps or 2
+    reps = ns.dit_repeats or (1 if quick else 3)
+    rows, extra = [], {}
+    cases = []
+    if not ns.no_flux:
+        d, s = (int(n) for n in ns.flux_blocks.split("x"))
+        cases.append(("flux", f"flux-3072 {d}d+{s}s {bench_dit.WIDE_PX}px", lambda: bench_dit.build_wide_flux(d, s),
+                      bench_dit.WIDE_PX, 1.0))
+    if not ns.no_pixart:
+        cases.append(("pixart", f"pixart-1152 {ns.pixart_depth} blocks {bench_dit.PIXART_WIDE_PX}px",
+                      lambda: bench_dit.build_wide_pixart(ns.pixart_depth), bench_dit.PIXART_WIDE_PX, 4.5))
+    for fam, label, build, px, cfg in cases:
+        with torch.inference_mode():
+            model = build()
+            dm = model.model.diffusion_model
+            vae = tiny.build_family(fam, 0)[2]          # the tiny family's VAE only encodes the sketch
+            gen = torch.Generator().manual_seed(3)
+            if fam == "flux":
+                cond = [[torch.randn(1, bench_dit.TEXT_TOKENS, 4096, generator=gen),
+                         {"pooled_output": torch.randn(1, 768, generator=gen)}]]
+                cond = node_helpers.conditioning_set_values(cond, {"guidance": 3.5})
+                uncond = cond                                  # cfg 1: never evaluated
+            else:
+                cond = [[torch.randn(1, bench_dit.PIXART_TEXT_TOKENS, 4096, generator=gen), {}]]
+                uncond = [[torch.randn(1, bench_dit.PIXART_TEXT_TOKENS, 4096, generator=gen), {}]]
+            channels = model.model.latent_format.latent_channels
+            latent = {"samples": torch.zeros(1, channels, px // 8, px // 8)}
+            sketch = torch.ones(1, px, px, 3)
+            sketch[:, px // 4:3 * px // 4, px // 4 - 3:px // 4 + 3] = 0.0
+            sketch[:, px // 4 - 3:px // 4 + 3, px // 4:3 * px // 4] = 0.0
+            layers = L.LAYERS[fam]
+        with torch.inference_mode(False):     # untrained predictor of the right width: cost only
+            lepm = sk.LEPModel(L.LatentEdgePredictor(sk.dit_channels(dm, layers), out_channels=channels).eval(),
+                               {"family": fam, "layers": L.layer_names(fam)},
+                               L.DenoisedEdgeHead(in_channels=channels, out_channels=channels).eval())
+        with torch.inference_mode():
+            modes = {"core KSampler": model}
+            states = {}
+            for form in ("paper", "fast"):
+                key = f"{form} form"
+                modes[key], states[key] = sk.patch_model(model, lepm, vae, sketch, beta=1.6, start_percent=0.0,
+                                                         end_percent=0.5, form=form)
+
+            def run(m):
+                return bench_dit.ksampler(m, cond, uncond, latent, steps, cfg)
+            got = interleaved(modes, run, reps)
+        core = got["core KSampler"]
+        for key, v in got.items():
+            ratios = [a / b for a, b in zip(v["cpu"], core["cpu"])]
+            row = {"case": f"{label} {key}", "steps": steps, "repeats": reps,
+                   "cpu_s_median": statistics.median(v["cpu"]), "cpu_s_all": [round(x, 1) for x in v["cpu"]],
+                   "wall_s_all": [round(x, 1) for x in v["wall"]], "peak_rss_mb": max(v["mem"]),
+                   "peak_above_core_mb": max(v["mem"]) - max(core["mem"]),
+                   "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                   "ratio_per_repeat": [round(x, 3) for x in ratios]}
+            if key in states:
+                st = states[key].stats
+                row["guided_steps_per_run"] = len(st["runs"][-1]["guided_steps"])
+                row["gradients_per_run"] = st["fresh"] / reps
+            rows.append(row)
+        extra[f"{fam}_params_m"] = round(sum(p.numel() for p in dm.parameters()) / 1e6, 1)
+        extra[f"{fam}_weight_copy_mb"] = sum(p.numel() * p.element_size() for p in dm.parameters()) / 2**20
+        del model, modes, states, dm
+        gc.collect()
+    return rows, extra
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-full", action="store_true")
+    ap.add_argument("--dit-only", action="store_true", help="only the real-width DiT rows (Flux, PixArt-Σ)")
+    ap.add_argument("--dit-steps", type=int, default=None, help="steps of the DiT rows (default 2)")
+    ap.add_argument("--dit-repeats", type=int, default=None, help="interleaved repeats of the DiT rows (default 3)")
+    ap.add_argument("--flux-blocks", default="1x1", help="double x single blocks of the real-width Flux")
+    ap.add_argument("--pixart-depth", type=int, default=4, help="blocks of the real-width PixArt-Σ")
+    ap.add_argument("--no-flux", action="store_true")
+    ap.add_argument("--no-pixart", action="store_true")
     ns = ap.parse_args()
     quick = harness.quick()
     h = harness.boot()
     import torch
     torch.set_num_threads(ns.threads)
+    if ns.dit_only:
+        rows, extra = dit_rows(ns, quick)
+        harness.report("sketch_guidance_dit", rows, {"threads": ns.threads, "window": "0-50%", "beta": 1.6,
+                                                     "load_avg": os.getloadavg(), **extra})
+        return
     pk = h.pack_module.__name__
     sk = importlib.import_module(pk + ".nodes.sketch")
     L = importlib.import_module(pk + ".models.lep")

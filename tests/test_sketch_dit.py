@@ -21,9 +21,12 @@ DIT = ("pixart", "flux", "sd3")
 #: the sizes used: Mini-DiT's native 288 px (PixArt's position embedding needs a latent of 33+ px); 64 px tiny
 PX = {"pixart": 288, "flux": 64, "sd3": 64}
 CFG = {"pixart": 4.0, "flux": 1.0, "sd3": 4.0}       # Flux: no CFG batch, one cond call per step
-#: guidance strength: on Mini-DiT the paper's 1.6 overshoots (the LEP loss rises, the latent blows up; 0.05-0.2
-#: lowers it: README), the tiny flow models take 1.6
-BETA = {"pixart": 0.1, "flux": 1.6, "sd3": 1.6}
+#: guidance strength per family and form. The step D' = D - beta ||x - D|| g/||g|| scales with sigma: <= 1 on the
+#: tiny flow models, which take the paper's 1.6; PixArt's schedule starts at sigma 157. On the v-prediction Mini-DiT
+#: the fast form lowers its loss at 0.25 (head loss x 0.77-0.88 over sampling seeds 1-4; at 0.5 it overshoots:
+#: x 0.90-0.93, |latent| 130 vs 22 unguided); the paper form at no beta robustly (below)
+BETA = {("pixart", "fast"): 0.25, ("flux", "paper"): 1.6, ("flux", "fast"): 1.6, ("sd3", "paper"): 1.6,
+        ("sd3", "fast"): 1.6}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -223,25 +226,28 @@ def test_beta_zero_is_bit_identical_both_forms(trained, sk, fam):
             assert ("weight_copies" in state.stats) is (form == "paper")
 
 
-# PixArt is left out until beta is retuned for the v-prediction Mini-DiT of 2da17ac (beta 0.1 was tuned on the
-# eps one; paper lowers the loss at 1.0, fast overshoots there). An xfail would count as a test that did not run.
-@pytest.mark.parametrize("fam", ["flux", "sd3"])
-def test_guidance_moves_the_output_toward_the_sketch_both_forms(trained, sk, fam):
+# PixArt's paper form is not in BETA: on the v-prediction Mini-DiT (2da17ac) with this 20-step LEP no beta in
+# 0.02-1.0 lowers the final latent's LEP loss consistently (ratio 0.33-1.8 over 4 sampling seeds; 1.0 lowers it only
+# by blowing the latent up, |latent| ~1000, head loss x 300), nor even the LEP loss at the next guided step (x 0.14-0.36
+# on seeds 1-2, x 0.48-1.85 on seeds 3-4 at beta 0.02-0.1). With the 120-step LEP of bench_quality_sketch the paper
+# form at 0.6 does follow the sketch (docs/benchmarks.md, Mini-DiT quality table).
+@pytest.mark.parametrize("fam,form", sorted(BETA))
+def test_guidance_moves_the_output_toward_the_sketch(trained, sk, fam, form):
     t = trained[fam]
     sketch = _sketch_image(PX[fam])
     with torch.inference_mode():
         plain = _sample(fam, t["model"], t["clip"], steps=8)
         base_l = _losses(sk, t, fam, plain, sketch)
-        got = {}
-        for form in ("paper", "fast"):
-            m, state = sk.patch_model(t["model"], t["lep"], t["vae"], sketch, beta=BETA[fam], end_percent=0.5,
-                                      form=form)
-            out = _sample(fam, m, t["clip"], steps=8)
-            assert torch.isfinite(out).all() and not torch.equal(out, plain)
-            assert state.stats["fresh"] == len(state.stats["runs"][-1]["guided_steps"]) >= 3, state.stats
-            got[form] = _losses(sk, t, fam, out, sketch)
-    assert got["paper"][0] < 0.8 * base_l[0], (base_l, got)      # each form lowers the loss it descends
-    assert got["fast"][1] < 0.95 * base_l[1], (base_l, got)
+        m, state = sk.patch_model(t["model"], t["lep"], t["vae"], sketch, beta=BETA[fam, form], end_percent=0.5,
+                                  form=form)
+        out = _sample(fam, m, t["clip"], steps=8)
+        assert torch.isfinite(out).all() and not torch.equal(out, plain)
+        assert state.stats["fresh"] == len(state.stats["runs"][-1]["guided_steps"]) >= 3, state.stats
+        got = _losses(sk, t, fam, out, sketch)
+    if form == "paper":                                            # each form lowers the loss it descends
+        assert got[0] < 0.8 * base_l[0], (base_l, got)
+    else:
+        assert got[1] < 0.95 * base_l[1], (base_l, got)
 
 
 def test_flux_basic_guider_single_cond_path(run_graph, trained, lep_dirs):
