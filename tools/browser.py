@@ -288,6 +288,11 @@ class Frontend:
     def screenshot(self, path: Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # the minimap panel covers the bottom-right corner, where a workflow's output image often is
+        self.page.evaluate("""async () => {
+            try { await window.app.extensionManager.setting.set('Comfy.Minimap.Visible', false); } catch (e) {}
+        }""")
+        self.page.wait_for_timeout(200)
         self.fit_view()
         self.page.screenshot(path=str(path))
         return path
@@ -317,14 +322,16 @@ def output_images(history: dict) -> list[dict]:
     return out
 
 
-def make_gallery(workflows: list[Path], out_dir: Path, comfy_path: Path | None = None, mode: bool | str = "mini") -> list[dict]:
+def make_gallery(workflows: list[Path], out_dir: Path, comfy_path: Path | None = None, mode: bool | str = "mini",
+                 timeout: float = 900) -> list[dict]:
     """Run every workflow in the real frontend and save a screenshot of the graph with its result
-    (``mode``: "mini" draws with Atelier Mini, True with the tiny seeded models)."""
+    (``mode``: "mini" draws with Atelier Mini, True with the tiny seeded models; ``timeout``: seconds per workflow:
+    flux_sketch_fast, which trains its LEP on the first run, took 235-250 s on the busy 2-core machine)."""
     rows = []
     with ComfyServer(comfy_path=comfy_path, tiny=mode) as srv, Frontend(srv) as front:
         for path in workflows:
             wf = json.loads(Path(path).read_text())
-            r = run_workflow_in_browser(front, wf)
+            r = run_workflow_in_browser(front, wf, timeout=timeout)
             ok = not r["missing"] and not r["node_errors"] and r["history"] and \
                 r["history"]["status"]["status_str"] == "success"
             shot = front.screenshot(Path(out_dir) / f"{Path(path).stem}.png")
