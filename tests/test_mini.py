@@ -139,7 +139,14 @@ def test_mini_format_roundtrip(pack):
         fmt.unpack(flat)
 
 
-def test_training_checkpoints_and_resumes_in_a_few_steps(comfy, mini, tmp_path):
+def _drawn_steps(tm, monkeypatch) -> list:
+    """(stream, step) of every per-step generator the trainer draws from here on (stream 1 VAE, 2 UNet/DiT)."""
+    drawn, real = [], tm.gen
+    monkeypatch.setattr(tm, "gen", lambda seed, stream, step: drawn.append((stream, step)) or real(seed, stream, step))
+    return drawn
+
+
+def test_training_checkpoints_and_resumes_in_a_few_steps(comfy, mini, tmp_path, monkeypatch):
     """The trainer's whole path in a few steps (the loss drop needs more: the slow test below): world data, the
     VAE and UNet phases checkpointed, a resumed run continues from the checkpoint, the file loads."""
     tm = load_tool("train_mini")
@@ -147,7 +154,9 @@ def test_training_checkpoints_and_resumes_in_a_few_steps(comfy, mini, tmp_path):
               ckpt_dir=tmp_path / "ckpt", every=3, lr=2e-3)
     first = tm.train(steps=3, **kw)
     out = tmp_path / "mini.safetensors"
+    drawn = _drawn_steps(tm, monkeypatch)
     again = tm.train(steps=5, out=out, resume=True, **kw)
+    assert [d for d in drawn if d[0] in (1, 2)] == [(2, 3), (2, 4)]  # only the UNet steps after the checkpoint ran
     assert [s for s, _ in again["unet_curve"]] == list(range(1, 6))  # continued from 3, not restarted
     assert again["unet_curve"][:3] == first["unet_curve"]
     assert again["vae_curve"] == first["vae_curve"]  # the finished VAE phase is not trained again
@@ -228,14 +237,16 @@ def test_each_parameterisation_is_what_comfy_model_sampling_inverts(comfy, param
     assert torch.allclose(ms.calculate_denoised(sigma, target, xt), x0, atol=1e-4)
 
 
-def test_dit_training_resumes_as_the_same_run_in_a_few_steps(comfy, mini, tmp_path):
+def test_dit_training_resumes_as_the_same_run_in_a_few_steps(comfy, mini, tmp_path, monkeypatch):
     """The DiT trainer's path in a few steps (the loss drop: the slow test below): a resumed run continues from
     the checkpoint and equals a straight one, the file loads."""
     tm = load_tool("train_mini")
     kw = dict(family="pixart", seed=3, data=4, batch=2, log_every=1, ckpt_dir=tmp_path / "ckpt", every=2, lr=2e-3)
     first = tm.train(steps=2, **kw)
     out = tmp_path / "pixart.safetensors"
+    drawn = _drawn_steps(tm, monkeypatch)
     again = tm.train(steps=3, out=out, resume=True, **kw)
+    assert [d for d in drawn if d[0] == 2] == [(2, 2)]  # only the step after the checkpoint ran
     assert [s for s, _ in again["unet_curve"]] == [1, 2, 3]  # continued from 2, not restarted
     assert again["unet_curve"][:2] == first["unet_curve"]
     straight = tm.train(steps=3, **{**kw, "ckpt_dir": tmp_path / "straight"})
