@@ -24,6 +24,19 @@ over all steps of the run.
 
     python bench/bench_space_experts.py [--steps N] [--repeats N] [--px 256] [--no-full] [--no-small]
         [--small mini|tiny] [--cases experts,pww,masked] [--full-cases ...] [--regions 2,4,8] [--threads N]
+
+``--dit-only``: the same cases on ComfyUI's Flux at real width (``bench_dit.build_wide_flux``: hidden 3072,
+24 heads, T5 context 4096 x 256 tokens, random weights, fp32; ``--flux-blocks DxS`` double x single blocks,
+default 1x1) at ``--dit-px`` (default 512 = 1024 image tokens), cfg 1 (one model call per step), euler, simple,
+``--dit-steps`` (default 1) steps, sampled on the same core path. The node's Flux code path (``nodes/space_dit.py``,
+installed by ``apply_space``): space experts R = R random 256-token T5 experts painting R user stripes (routing in
+order, as ``AtelierSpaceExperts`` with ``regions``; each joins the joint sequence); paint-with-words R = the R
+stripes as regions, weight 1, no experts (as ``AtelierPaintWithWords``); core masked R as above. Real-width runs
+are seconds each, so there is no warm-up run; ``--dit-repeats`` (default 1) interleaved repeats, the same
+plain, case, plain, ... order and ratios (with fewer than 3 steps a ratio is over all steps of a run).
+
+    python bench/bench_space_experts.py --dit-only [--dit-repeats N] [--dit-steps N] [--dit-px 512]
+        [--flux-blocks 1x1] [--cases ...] [--regions 2,4,8] [--threads 1]
 """
 from __future__ import annotations
 
@@ -64,6 +77,11 @@ def main():
     ap.add_argument("--full-cases", default=None, help="the cases on the full-size UNet (default: --cases)")
     ap.add_argument("--regions", default=None, help="comma list of region counts (default 2,4,8)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time = compute)")
+    ap.add_argument("--dit-only", action="store_true", help="only the real-width Flux rows (see the docstring)")
+    ap.add_argument("--dit-repeats", type=int, default=1, help="interleaved repeats of the Flux rows (default 1)")
+    ap.add_argument("--dit-steps", type=int, default=1, help="steps per Flux run (default 1)")
+    ap.add_argument("--dit-px", type=int, default=None, help="Flux image size (default bench_dit.WIDE_PX, 512)")
+    ap.add_argument("--flux-blocks", default="1x1", help="double x single blocks of the real-width Flux")
     ns = ap.parse_args()
     quick = harness.quick()
     h = harness.boot()
@@ -81,7 +99,7 @@ def main():
     kinds = parse_kinds(ns.cases)
     regions = [int(r) for r in ns.regions.split(",")] if ns.regions else ([2, 4] if quick else [2, 4, 8])
 
-    def run_timed(model, pos, neg, latent, steps):
+    def run_timed(model, pos, neg, latent, steps, cfg=7.0, scheduler="normal"):
         """The core KSampler path (prepare_noise + comfy.sample.sample, no preview), CPU seconds per step."""
         lat = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         noise = comfy.sample.prepare_noise(lat, 0, None)
@@ -89,15 +107,18 @@ def main():
 
         def cb(step, x0, x, total):
             marks.append(time.process_time())
-        comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", pos, neg, lat, denoise=1.0,
+        comfy.sample.sample(model, noise, steps, cfg, "euler", scheduler, pos, neg, lat, denoise=1.0,
                             callback=cb, disable_pbar=True, seed=0)
         return [b - a for a, b in zip(marks, marks[1:])]
 
-    def setup_for(R, dim, masks=None, pww=0.0):
+    def setup_for(R, dim, masks=None, pww=0.0, tokens=77, n_experts=None):
         g = torch.Generator().manual_seed(10)
-        experts = [sx.Expert(name=f"e{r}", cond=torch.randn(1, 77, dim, generator=g), pooled=None) for r in range(R)]
+        n_experts = R if n_experts is None else n_experts
+        experts = [sx.Expert(name=f"e{r}", cond=torch.randn(1, tokens, dim, generator=g), pooled=None)
+                   for r in range(n_experts)]
         return sx.SpaceSetup(phrases=[f"p{r}" for r in range(R)], groups=[[1 + r] for r in range(R)],
-                             experts=experts, route=list(range(R)), scores=[], mask_start_sigma=float("inf"),
+                             experts=experts, route=list(range(R)) if n_experts else [], scores=[],
+                             mask_start_sigma=float("inf"),
                              user_masks=masks, pww_weight=pww)
 
     def masked_cond(pos, R, h, w):
@@ -106,32 +127,41 @@ def main():
         g = torch.Generator().manual_seed(10)
         m = stripes(R, h, w)
         for r in range(R):
-            c = [[torch.randn(1, 77, pos[0][0].shape[-1], generator=g), dict(pos[0][1])]]
+            c = [[torch.randn(1, *pos[0][0].shape[-2:], generator=g), dict(pos[0][1])]]
             c = core.ConditioningSetMask().append(c, m[r:r + 1], "default", 1.0)[0]
             out = core.ConditioningCombine().combine(out, c)[0]
         return out
 
-    def cases(model, pos, neg, latent, steps, reps, label, kinds):
+    def cases(model, pos, neg, latent, steps, reps, label, kinds, dit=False):
+        """dit: the real-width Flux rows (user stripes for the experts, no experts for paint-with-words, cfg 1,
+        simple, no warm-up run)."""
         h8, w8 = latent["samples"].shape[-2:]
-        dim = pos[0][0].shape[-1]
+        dim, tokens = pos[0][0].shape[-1], pos[0][0].shape[-2]
         lo = 2 if steps >= 3 else 0
+        cfg, sched = (1.0, "simple") if dit else (7.0, "normal")
         arms = []  # (name, model, positive)
         for R in regions:
+            px_stripes = stripes(R, h8 * 8, w8 * 8)
+            if "pww" in kinds and dit:
+                m, _ = sx.apply_space(model, setup_for(R, dim, masks=px_stripes, pww=1.0, n_experts=0))
+                arms.append((f"paint-with-words {R} regions", m, pos))
             if "experts" in kinds:
-                arms.append((f"space-experts {R} regions", sx.apply_space(model, setup_for(R, dim))[0], pos))
-            if "pww" in kinds:
-                m, _ = sx.apply_space(model, setup_for(R, dim, masks=stripes(R, h8 * 8, w8 * 8), pww=1.0))
+                setup = setup_for(R, dim, masks=px_stripes, tokens=tokens) if dit else setup_for(R, dim)
+                arms.append((f"space-experts {R} regions", sx.apply_space(model, setup)[0], pos))
+            if "pww" in kinds and not dit:
+                m, _ = sx.apply_space(model, setup_for(R, dim, masks=px_stripes, pww=1.0))
                 arms.append((f"paint-with-words {R} regions", m, pos))
             if "masked" in kinds:
                 arms.append((f"core masked cond {R} regions", model, masked_cond(pos, R, h8 * 8, w8 * 8)))
 
         def one(m, p):
             gc.collect()
-            ts = run_timed(m, p, neg, latent, steps)
+            ts = run_timed(m, p, neg, latent, steps, cfg, sched)
             return sum(ts[lo:]) / len(ts[lo:]), sum(ts) / len(ts)
-        one(model, pos)  # warm-up
-        for _name, m, p in arms:
-            one(m, p)
+        if not dit:
+            one(model, pos)  # warm-up
+            for _name, m, p in arms:
+                one(m, p)
         plain_steady, plain_run = [], []
         ratio = {a[0]: [] for a in arms}
         ratio_run = {a[0]: [] for a in arms}
@@ -152,6 +182,9 @@ def main():
                 prev = nxt
             print(f"[{label}] repeat {r + 1}/{reps}: " + ", ".join(
                 f"{n.split(' regions')[0]} {ratio[n][-1]:.3f}" for n, _m, _p in arms), flush=True)
+            if dit:
+                print(f"[{label}] repeat {r + 1}/{reps}: plain s/step " +
+                      ", ".join(f"{x:.2f}" for x in plain_steady[-len(arms) - 1:]), flush=True)
         rows = [{"case": f"{label} core KSampler", "steps": steps, "repeats": reps,
                  "per_step_s": statistics.median(plain_steady), "ratio": 1.0}]
         for name, _m, _p in arms:
@@ -167,6 +200,20 @@ def main():
         return rows
 
     rows = []
+    if ns.dit_only:
+        from bench_dit import TEXT_TOKENS, WIDE_PX, build_wide_flux
+        double, single = (int(x) for x in ns.flux_blocks.lower().split("x"))
+        px = ns.dit_px or WIDE_PX
+        model = build_wide_flux(double, single)
+        g = torch.Generator().manual_seed(1)
+        ctx = model.model.diffusion_model.params.context_in_dim
+        vec = model.model.diffusion_model.params.vec_in_dim
+        pos = [[torch.randn(1, TEXT_TOKENS, ctx, generator=g),
+                {"pooled_output": torch.randn(1, vec, generator=g), "guidance": 3.5}]]
+        neg = [[torch.randn(1, TEXT_TOKENS, ctx, generator=g), {"pooled_output": torch.randn(1, vec, generator=g)}]]
+        rows += cases(model, pos, neg, {"samples": torch.zeros(1, 16, px // 8, px // 8)}, ns.dit_steps,
+                      ns.dit_repeats, f"flux {double}+{single} {px}px fp32", kinds, dit=True)
+        ns.no_small = ns.no_full = True
     if not ns.no_small:
         if ns.small == "mini":
             model, clip, _vae = mini.load_mini("sd15")
@@ -194,7 +241,7 @@ def main():
                   f" {r['ratio_q1']:6.3f}-{r['ratio_q3']:6.3f} {r['ratio_run']:6.3f}  {r['verdict']}")
         else:
             print(f"{r['case']:48s} {r['per_step_s']:9.4f} {1.0:6.3f}")
-    harness.report("space_experts", rows, {
+    harness.report("space_experts_dit" if ns.dit_only else "space_experts", rows, {
         "threads": torch.get_num_threads(),
         "note": "process CPU seconds, 1 torch thread; per repeat plain and case runs alternate (plain, case, plain, "
                 "...); ratio = a case's per-step time (steps 3.. of a run) / the mean of the plain runs around it, "
