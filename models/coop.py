@@ -113,20 +113,23 @@ def equivalent_sigma(ms_from, sigma, ms_to, lo: float = 1e-6, hi: float = 1e6) -
 
     Returns ``sigma`` itself when both parametrisations agree there (two VP models: always).
     Otherwise solves s/a = r by bisection in log σ (the ratio increases with σ for every
-    ComfyUI parametrisation); flow models (σ ∈ (0, 1)) are searched below 1. Pure noise (a flow
-    model at σ = 1, r = ∞) maps to the target's ``sigma_max``.
+    ComfyUI parametrisation); flow models (σ ∈ (0, 1)) are searched below 1. A level noisier than
+    the target was trained at — pure noise (a flow model at σ = 1, r = ∞), or a σ above the target's
+    ``sigma_max`` (PixArt-Σ's schedule reaches 157, SDXL's 14.6) — maps to the target's ``sigma_max``,
+    the closest level it knows: a model called far above it draws garbage.
     """
     sigma = float(sigma)
     r = noise_to_signal(ms_from, sigma)
+    top_to = getattr(ms_to, "sigma_max", None)
+    top_to = float(top_to) if top_to is not None else None
     if sigma > 0 and noise_to_signal(ms_to, sigma) == r:
-        return sigma
+        return min(sigma, top_to) if top_to is not None else sigma
     if r == 0.0:
         return 0.0
     if math.isinf(r):  # pure noise (a flow model at sigma 1): the target's noisiest level, as close as it gets
-        top = getattr(ms_to, "sigma_max", None)
-        if top is None:
+        if top_to is None:
             raise ValueError("equivalent_sigma: sigma is pure noise in the source model; nothing to match")
-        return float(top)
+        return top_to
     top = hi
     if not math.isfinite(noise_to_signal(ms_to, min(hi, 1.0))):  # flow: a(1) = 0
         top = 1.0 - 1e-7
@@ -137,7 +140,8 @@ def equivalent_sigma(ms_from, sigma, ms_to, lo: float = 1e-6, hi: float = 1e6) -
             lo_l = mid
         else:
             hi_l = mid
-    return math.exp(0.5 * (lo_l + hi_l))
+    found = math.exp(0.5 * (lo_l + hi_l))
+    return min(found, top_to) if top_to is not None else found
 
 
 # ------------------------------------------------------------ closed forms (checked by the tests)

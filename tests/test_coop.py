@@ -70,6 +70,25 @@ def test_equivalent_sigma_between_parametrisations(comfy, mc):
     assert torch.allclose(mc.vp_sigmas(ac).float(), eps.sigmas, rtol=1e-5)
 
 
+def test_equivalent_sigma_above_the_targets_schedule_is_its_sigma_max(comfy, mc):
+    """PixArt-Σ's DDPM schedule reaches sigma 157, SDXL's 14.6: a level above what the target was trained at maps
+    to the target's sigma_max (a model called far above it draws garbage), as pure flow noise does; below it the
+    same VP sigma stays exact."""
+    from types import SimpleNamespace
+    import comfy.model_sampling as ms
+    import comfy.supported_models as sm
+    cls = type("MS", (ms.ModelSamplingDiscrete, ms.V_PREDICTION), {})
+    pixart = cls(SimpleNamespace(sampling_settings=sm.PixArtSigma.sampling_settings))  # ComfyUI's own row
+    sdxl, flow = _ms("eps"), _ms("flow")
+    assert float(pixart.sigma_max) > 150 and abs(float(sdxl.sigma_max) - 14.61) < 0.01
+    for s in (157.0, 57.0, 23.5):
+        assert mc.equivalent_sigma(pixart, s, sdxl) == float(sdxl.sigma_max)
+    assert mc.equivalent_sigma(pixart, 3.0, sdxl) == 3.0
+    assert mc.equivalent_sigma(sdxl, 14.0, pixart) == 14.0
+    assert mc.equivalent_sigma(flow, 1.0, sdxl) == float(sdxl.sigma_max)
+    assert 0 < mc.equivalent_sigma(pixart, 157.0, flow) < 1
+
+
 # ------------------------------------------------------------------ graphs and nodes
 
 def _coop_prompt(d=0.5, k=1, b_scale=1.0, a_family="sd15", b_family="sdxl", size=64, steps=4, b_vae=None,
