@@ -237,6 +237,17 @@ def test_each_parameterisation_is_what_comfy_model_sampling_inverts(comfy, param
     assert torch.allclose(ms.calculate_denoised(sigma, target, xt), x0, atol=1e-4)
 
 
+def _check_pixart_file(mini, out):
+    """A trained Mini pixart file loads with non-zero weights, and its T5 table keeps only the rows the captions
+    use (an unknown word reads their mean)."""
+    model, clip, vae = mini.load_mini("pixart", out)
+    assert model.model.diffusion_model.final_layer.linear.weight.abs().sum() > 0
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        rows = f.get_tensor("clip.t5xxl.transformer.shared.weight.rows")
+    assert rows.shape[0] < 100 and clip.cond_stage_model.t5xxl.transformer.shared.weight.shape[0] == 32128
+
+
 def test_dit_training_resumes_as_the_same_run_in_a_few_steps(comfy, mini, tmp_path, monkeypatch):
     """The DiT trainer's path in a few steps (the loss drop: the slow test below): a resumed run continues from
     the checkpoint and equals a straight one, the file loads."""
@@ -251,13 +262,7 @@ def test_dit_training_resumes_as_the_same_run_in_a_few_steps(comfy, mini, tmp_pa
     assert again["unet_curve"][:2] == first["unet_curve"]
     straight = tm.train(steps=3, **{**kw, "ckpt_dir": tmp_path / "straight"})
     assert straight["unet_curve"] == again["unet_curve"]  # a resumed run is the same run
-    model, clip, vae = mini.load_mini("pixart", out)
-    assert model.model.diffusion_model.final_layer.linear.weight.abs().sum() > 0
-    # the T5 table keeps only the rows the captions use; an unknown word reads their mean
-    from safetensors import safe_open
-    with safe_open(str(out), "pt") as f:
-        rows = f.get_tensor("clip.t5xxl.transformer.shared.weight.rows")
-    assert rows.shape[0] < 100 and clip.cond_stage_model.t5xxl.transformer.shared.weight.shape[0] == 32128
+    _check_pixart_file(mini, out)
 
 
 @pytest.mark.slow
@@ -273,13 +278,7 @@ def test_dit_training_reduces_the_loss_and_resumes(comfy, mini, tmp_path):
     assert again["unet_curve"][:16] == first["unet_curve"]
     straight = tm.train(steps=18, **{**kw, "ckpt_dir": tmp_path / "straight"})
     assert straight["unet_curve"] == again["unet_curve"]  # a resumed run is the same run
-    model, clip, vae = mini.load_mini("pixart", out)
-    assert model.model.diffusion_model.final_layer.linear.weight.abs().sum() > 0
-    # the T5 table keeps only the rows the captions use; an unknown word reads their mean
-    from safetensors import safe_open
-    with safe_open(str(out), "pt") as f:
-        rows = f.get_tensor("clip.t5xxl.transformer.shared.weight.rows")
-    assert rows.shape[0] < 100 and clip.cond_stage_model.t5xxl.transformer.shared.weight.shape[0] == 32128
+    _check_pixart_file(mini, out)
 
 
 def test_flow_matching_loss_fits_a_fixed_batch(comfy, mini):
